@@ -1,0 +1,1 @@
+"""Experiments layer: datasets, noise, Flax models and the paper's pipeline."""

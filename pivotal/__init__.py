@@ -1,0 +1,1 @@
+"""pivotal: select pivotal meta samples for meta re-weighting, in pure JAX."""
