@@ -1,1 +1,34 @@
-"""pivotal: select pivotal meta samples for meta re-weighting, in pure JAX."""
+"""pivotal: select pivotal meta samples for meta re-weighting, in pure JAX.
+
+Public API (names and meanings are a contract, see DESIGN.md):
+
+* meta re-weighting: :func:`weight_gradient`, :func:`direct_weights`, :func:`l2rw`,
+  :func:`meta_weight_net`, :func:`make_meta_step`;
+* features for selection: :func:`rbc_features`, :func:`gbc_features`,
+  :func:`per_example_grads`, :func:`label_free_loss`;
+* clustering and selection: :func:`weighted_spherical_kmeans`, :func:`select_meta_samples`
+  and the baseline selectors.
+"""
+
+from pivotal.reweight import (
+    DirectWeightsState,
+    MetaWeightNetState,
+    Reweighter,
+    RuleOutput,
+    direct_weights,
+    l2rw,
+    lookahead,
+    meta_objective,
+    meta_weight_net,
+    weight_gradient,
+    weight_net_apply,
+)
+from pivotal.trainer import (
+    MetaTrainer,
+    MetaTrainState,
+    check_finite,
+    example_weights,
+    make_meta_step,
+)
+
+__version__ = "0.1.0"
