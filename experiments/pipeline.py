@@ -1,0 +1,493 @@
+"""The paper's pipeline, one function per phase (Algorithm 2 with one or more rounds).
+
+1. :func:`make_problem` -- dataset, imbalance and label noise.
+2. :func:`train_meta` on ``M0`` random cleaned examples (the warm-up), caching a parameter
+   snapshot per epoch and the best-validation epoch ``t*``.
+3. :func:`select` ``M1`` more examples with a method, from snapshots after ``t*``.
+4. Oracle cleaning: the selected examples get their ground-truth labels, join the meta set
+   and leave the training pool (:func:`split_pool`).
+5. :func:`train_meta` again with the ``M0 + M1`` meta examples; test accuracy at the
+   best-validation epoch and the AUC of the learned weights against label cleanliness.
+
+:func:`run_method` strings the phases together for one method and seed; the warm-up is
+shared by every method of a seed. Every training run checkpoints each epoch (Orbax) and
+resumes from its last checkpoint, so a killed run continues to the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+import pivotal
+from experiments import checkpoint, models
+from experiments import noise as noise_lib
+from experiments.datasets import augment_cifar, load_dataset
+
+METHODS = ("base", "random", "certain", "uncertain", "finetune", "craig", "rbc-k", "rbc", "gbc")
+NOISES = ("none", "uniform", "adversarial", "file")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment. Defaults: the main job (MNIST-5k, 60 % adversarial noise, LeNet-5)."""
+
+    dataset: str = "mnist5k"
+    noise: str = "adversarial"
+    rate: float = 0.6
+    imbalance: Optional[float] = None  # long-tailed factor, None = balanced
+    noise_file: Optional[str] = None
+    noise_file_key: Optional[str] = None
+    data_dir: Optional[str] = None
+    model: str = "lenet5"
+    budget: int = 20  # M0 + M1 cleaned examples in all
+    warmup: int = 10  # M0, drawn at random
+    rounds: int = 1  # selection rounds after the warm-up (Algorithm 2's loop)
+    warmup_epochs: int = 20
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    lr_milestones: tuple = ()  # epochs at which the learning rate is divided by 10
+    rule: str = "direct"  # direct | l2rw | mwn
+    weight_lr: float = 3000.0
+    weight_init: Any = "uniform"
+    meta_batch_size: Optional[int] = None
+    augment: bool = False
+    num_snapshots: int = 5  # K snapshots after t*
+    snapshot_every: Optional[int] = None
+    gbc_layers: int = 5
+    exclude_fraction: float = 0.5
+    kmeans_iters: int = 200
+    finetune_epochs: int = 20
+    chunk_size: int = 512
+
+    @property
+    def label_aware(self) -> bool:
+        """Label-aware features under pure imbalance; label-free under label noise."""
+        return self.noise == "none"
+
+    def validate(self) -> None:
+        if self.noise not in NOISES:
+            raise ValueError(f"noise must be one of {list(NOISES)}, got {self.noise!r}")
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"rate must be in [0, 1), got {self.rate}")
+        if self.noise == "file" and not self.noise_file:
+            raise ValueError("noise='file' needs noise_file, a CIFAR-N style label file")
+        if self.imbalance is not None and self.imbalance < 1:
+            raise ValueError(f"imbalance must be a factor >= 1, got {self.imbalance}")
+        if self.budget <= 0:
+            raise ValueError(f"budget must be positive, got {self.budget}")
+        if not 0 < self.warmup < self.budget:
+            raise ValueError(f"warmup must be in [1, budget) so that something is selected; "
+                             f"got warmup={self.warmup}, budget={self.budget}")
+        if self.rounds < 1 or self.rounds > self.budget - self.warmup:
+            raise ValueError(f"rounds must be in [1, budget - warmup], got {self.rounds}")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {sorted(RULES)}, got {self.rule!r}")
+        for name in ("warmup_epochs", "epochs", "batch_size", "num_snapshots", "gbc_layers",
+                     "kmeans_iters", "finetune_epochs", "chunk_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0.0 <= self.exclude_fraction < 1.0:
+            raise ValueError(f"exclude_fraction must be in [0, 1), got {self.exclude_fraction}")
+
+
+RULES = {
+    "direct": lambda cfg: pivotal.direct_weights(weight_lr=cfg.weight_lr, init=cfg.weight_init),
+    "l2rw": lambda cfg: pivotal.l2rw(),
+    "mwn": lambda cfg: pivotal.meta_weight_net(),
+}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class Problem(NamedTuple):
+    """A noisy (and/or imbalanced) training set with its clean labels and eval splits."""
+
+    name: str
+    x_train: np.ndarray  # (N, ...)
+    y_noisy: np.ndarray  # (N,) labels the learner sees
+    y_clean: np.ndarray  # (N,) ground truth, used only by the cleaning oracle and metrics
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    input_shape: tuple
+    noise_rate: float  # realised
+
+    @property
+    def is_clean(self) -> np.ndarray:
+        return self.y_noisy == self.y_clean
+
+
+def make_problem(cfg: ExperimentConfig, seed: int) -> Problem:
+    """Load the dataset (split by ``seed``), subsample long-tailed, inject label noise."""
+    data = load_dataset(cfg.dataset, seed=seed, data_dir=cfg.data_dir)
+    x, y = data.x_train, data.y_train
+    k = data.num_classes
+    if cfg.imbalance is not None and cfg.imbalance > 1:
+        kept = noise_lib.long_tailed(y, cfg.imbalance, k, seed=seed)
+        x, y = x[kept], y[kept]
+    if cfg.noise == "uniform":
+        noisy = noise_lib.uniform(y, cfg.rate, k, seed=seed).labels
+    elif cfg.noise == "adversarial":
+        noisy = noise_lib.adversarial(y, cfg.rate, k, seed=seed).labels
+    elif cfg.noise == "file":
+        if cfg.imbalance is not None:
+            raise ValueError("noise='file' cannot be combined with imbalance")
+        labels = noise_lib.from_file(cfg.noise_file, key=cfg.noise_file_key, clean_labels=y)
+        noisy = np.asarray(getattr(labels, "labels", labels))[data.train_index]
+    else:
+        noisy = y.copy()
+    noisy = np.asarray(noisy, np.int32)
+    return Problem(cfg.dataset, x, noisy, np.asarray(y, np.int32), data.x_val, data.y_val,
+                   data.x_test, data.y_test, k, tuple(data.input_shape),
+                   float(np.mean(noisy != y)))
+
+
+def split_pool(problem: Problem, meta_indices: np.ndarray):
+    """Oracle cleaning: meta examples carry ground-truth labels and leave the training pool.
+
+    Returns ``(pool_indices (N - M,), meta_set {"x", "y"})``.
+    """
+    meta_indices = np.asarray(meta_indices, np.int64)
+    if len(np.unique(meta_indices)) != len(meta_indices):
+        raise ValueError("meta_indices must be unique")
+    pool = np.setdiff1d(np.arange(len(problem.y_noisy)), meta_indices)
+    meta = {"x": problem.x_train[meta_indices], "y": problem.y_clean[meta_indices]}
+    return pool, meta
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class TrainOutcome(NamedTuple):
+    best_epoch: int
+    best_val_accuracy: float
+    test_accuracy: float  # at the best-validation epoch
+    best_params: Any
+    best_model_state: Any
+    weights: Optional[np.ndarray]  # (N,) direct weights at the best epoch, None otherwise
+    seconds: float
+    snapshot_dir: Optional[str]
+    num_epochs: int
+
+
+class Model(NamedTuple):
+    module: Any
+    has_state: bool
+    loss_fn: Any
+    predict: Any
+    features: Any
+
+
+def build_model(cfg: ExperimentConfig, problem: Problem) -> Model:
+    module, has_state = models.make_model(cfg.model, problem.num_classes, problem.input_shape)
+    return Model(module, has_state, models.cross_entropy_loss_fn(module, has_state),
+                 models.predict_fn(module, has_state), models.features_fn(module, has_state))
+
+
+def _optimizer(cfg: ExperimentConfig):
+    sgd = optax.sgd(1.0, momentum=cfg.momentum or None, nesterov=cfg.nesterov)
+    if cfg.weight_decay:
+        return optax.chain(optax.add_decayed_weights(cfg.weight_decay), sgd)
+    return sgd
+
+
+def _schedule(cfg: ExperimentConfig, steps_per_epoch: int):
+    if not cfg.lr_milestones:
+        return cfg.lr
+    return optax.piecewise_constant_schedule(
+        cfg.lr, {int(m) * steps_per_epoch: 0.1 for m in cfg.lr_milestones})
+
+
+def accuracy(model: Model, params, model_state, x, y, chunk_size: int) -> float:
+    logits = models.apply_in_chunks(lambda xb: model.predict(params, model_state, xb), x, chunk_size)
+    return float(np.mean(np.argmax(logits, -1) == y))
+
+
+@jax.jit
+def _gather(x, y, idx):
+    return {"x": x[idx], "y": y[idx], "index": idx}
+
+
+def train_meta(
+    problem: Problem,
+    model: Model,
+    cfg: ExperimentConfig,
+    key: jax.Array,
+    *,
+    meta_indices: Optional[np.ndarray],
+    epochs: int,
+    ckpt_dir: Optional[str] = None,
+    keep_snapshots: bool = False,
+    init_params=None,
+    train_indices: Optional[np.ndarray] = None,
+    train_labels: Optional[np.ndarray] = None,
+    desc: str = "train",
+) -> TrainOutcome:
+    """Meta re-weighting (``meta_indices`` given) or plain training (``None``) for ``epochs``.
+
+    The training pool is every example outside the meta set (or ``train_indices``), with the
+    labels the learner sees (``train_labels``, default the noisy ones). Each epoch: a seeded
+    permutation, ``floor(|pool| / batch_size)`` steps (at least one), validation and test
+    accuracy; the result is read at the best-validation epoch. ``ckpt_dir``: checkpoint per
+    epoch and resume; ``keep_snapshots``: also keep every epoch's parameters there for
+    selection (:func:`load_snapshots`).
+    """
+    start = time.perf_counter()
+    n = len(problem.y_noisy)
+    labels = problem.y_noisy if train_labels is None else np.asarray(train_labels, np.int32)
+    if meta_indices is not None:
+        pool, meta = split_pool(problem, meta_indices)
+        meta = jax.tree_util.tree_map(jnp.asarray, meta)
+    else:
+        pool, meta = np.arange(n), None
+    if train_indices is not None:
+        pool = np.asarray(train_indices, np.int64)
+    batch_size = min(cfg.batch_size, len(pool))
+    steps_per_epoch = max(1, len(pool) // batch_size)
+    rule = RULES[cfg.rule](cfg) if meta is not None else pivotal.l2rw()
+    trainer = _trainer(model, rule, cfg, steps_per_epoch)
+
+    k_init, k_rule, k_data = jax.random.split(key, 3)
+    if init_params is None:
+        params, model_state = models.init_model(model.module, k_init, problem.input_shape)
+    else:
+        params, model_state = init_params
+    state = trainer.init(params, k_rule, num_examples=n, model_state=model_state)
+    track = {"best_val": np.float64(-1.0), "best_test": np.float64(0.0),
+             "best_epoch": np.int64(-1), "epoch": np.int64(0)}
+    best = (state.params, state.model_state, pivotal.example_weights(state))
+
+    manager = checkpoint.Checkpointer(ckpt_dir) if ckpt_dir else None
+    if manager is not None and manager.latest_step() is not None:
+        restored = manager.restore(manager.latest_step(),
+                                   {"state": state, "best": best, "track": track})
+        state, best, track = restored["state"], restored["best"], restored["track"]
+
+    x_dev, y_dev = jnp.asarray(problem.x_train), jnp.asarray(labels)
+    first = int(track["epoch"])
+    bar = tqdm(range(first, epochs), desc=desc, leave=False, initial=first, total=epochs,
+               disable=None)
+    for epoch in bar:
+        k_epoch = jax.random.fold_in(k_data, epoch)
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(k_epoch, 0), len(pool)))
+        for s in range(steps_per_epoch):
+            idx = jnp.asarray(pool[order[s * batch_size:(s + 1) * batch_size]])
+            batch = _gather(x_dev, y_dev, idx)
+            k_step = jax.random.fold_in(k_epoch, s + 1)
+            if cfg.augment:
+                batch["x"] = augment_cifar(jax.random.fold_in(k_step, 1), batch["x"])
+            if meta is None:
+                state, metrics = trainer.plain_step(state, batch)
+            else:
+                state, metrics = trainer.step(state, batch, meta, k_step)
+            pivotal.check_finite(metrics)
+        val = accuracy(model, state.params, state.model_state, problem.x_val, problem.y_val,
+                       cfg.chunk_size)
+        if val > track["best_val"]:
+            test = accuracy(model, state.params, state.model_state, problem.x_test,
+                            problem.y_test, cfg.chunk_size)
+            track.update(best_val=np.float64(val), best_test=np.float64(test),
+                         best_epoch=np.int64(epoch))
+            best = (state.params, state.model_state, pivotal.example_weights(state))
+        track["epoch"] = np.int64(epoch + 1)
+        bar.set_postfix(val=f"{val:.3f}", best=f"{float(track['best_val']):.3f}")
+        if manager is not None:
+            if keep_snapshots:
+                manager.save_snapshot(epoch, state.params, state.model_state)
+            manager.save(epoch + 1, {"state": state, "best": best, "track": track})
+    weights = None if best[2] is None else np.asarray(best[2])
+    return TrainOutcome(int(track["best_epoch"]), float(track["best_val"]),
+                        float(track["best_test"]), best[0], best[1], weights,
+                        time.perf_counter() - start, ckpt_dir if keep_snapshots else None, epochs)
+
+
+_TRAINERS: dict = {}
+
+
+def _trainer(model: Model, rule, cfg: ExperimentConfig, steps_per_epoch: int):
+    # One trainer (hence one compiled step) per configuration, shared by every method.
+    key = (id(model.module), rule.name, cfg.weight_lr, str(cfg.weight_init), cfg.lr,
+           cfg.momentum, cfg.nesterov, cfg.weight_decay, tuple(cfg.lr_milestones),
+           cfg.meta_batch_size, steps_per_epoch)
+    if key not in _TRAINERS:
+        _TRAINERS[key] = pivotal.make_meta_step(
+            model.loss_fn, rule, optimizer=_optimizer(cfg),
+            learning_rate=_schedule(cfg, steps_per_epoch),
+            meta_batch_size=cfg.meta_batch_size, has_state=model.has_state)
+    return _TRAINERS[key]
+
+
+def load_snapshots(outcome: TrainOutcome) -> Mapping[int, Any]:
+    """``{epoch: (params, model_state)}``, loaded from disk lazily."""
+    if outcome.snapshot_dir is None:
+        raise ValueError("this run kept no snapshots (train_meta(..., keep_snapshots=True))")
+    return checkpoint.Checkpointer(outcome.snapshot_dir).snapshots()
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def _probs(model: Model, params, model_state, x, chunk_size: int) -> np.ndarray:
+    logits = models.apply_in_chunks(lambda xb: model.predict(params, model_state, xb), x,
+                                    chunk_size)
+    return np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
+
+
+def _rbc_block(model: Model, problem: Problem, params, model_state, label_aware: bool,
+               chunk_size: int) -> jax.Array:
+    h, logits = models.apply_in_chunks(lambda xb: model.features(params, model_state, xb),
+                                       problem.x_train, chunk_size)
+    labels = problem.y_noisy if label_aware else None
+    return pivotal.rbc_features(jnp.asarray(h), jnp.asarray(logits), labels)
+
+
+def _gbc_block(model: Model, problem: Problem, params, model_state, key, cfg) -> jax.Array:
+    module = model.module
+
+    def loss_fn(p, batch):
+        variables = {"params": p, **(model_state or {})}
+        logits = module.apply(variables, batch["x"], train=False)
+        if cfg.label_aware:
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+        return pivotal.label_free_loss(logits)
+
+    batch = {"x": jnp.asarray(problem.x_train), "y": jnp.asarray(problem.y_noisy)}
+    return pivotal.gbc_features(loss_fn, params, batch, key, num_layers=cfg.gbc_layers,
+                                chunk_size=cfg.chunk_size)
+
+
+def selection_features(method: str, problem: Problem, model: Model, run: TrainOutcome,
+                       cfg: ExperimentConfig, key: jax.Array) -> jax.Array:
+    """``(N, D)`` features of every training example from ``K`` snapshots after ``t*``."""
+    snapshots = load_snapshots(run)
+
+    def feature_fn(snapshot, k):
+        params, model_state = snapshot
+        if method == "gbc":
+            return _gbc_block(model, problem, params, model_state, k, cfg)
+        return _rbc_block(model, problem, params, model_state, cfg.label_aware, cfg.chunk_size)
+
+    return pivotal.history_features(feature_fn, snapshots, key, best_epoch=run.best_epoch,
+                                    num_snapshots=cfg.num_snapshots, every=cfg.snapshot_every)
+
+
+def select(method: str, problem: Problem, model: Model, run: TrainOutcome,
+           existing: np.ndarray, count: int, cfg: ExperimentConfig, key: jax.Array) -> np.ndarray:
+    """``count`` new training indices (not in ``existing``) chosen by ``method``."""
+    n = len(problem.y_noisy)
+    if method in ("random", "finetune"):
+        return np.asarray(pivotal.random_selection(n, count, key, existing=existing))
+    if method in ("certain", "uncertain"):
+        probs = _probs(model, run.best_params, run.best_model_state, problem.x_train,
+                       cfg.chunk_size)
+        pick = pivotal.certainty_selection if method == "certain" else pivotal.uncertainty_selection
+        return np.asarray(pick(probs, count, existing=existing))
+    if method == "craig":
+        feats = _rbc_block(model, problem, run.best_params, run.best_model_state,
+                           cfg.label_aware, cfg.chunk_size)
+        probs = _probs(model, run.best_params, run.best_model_state, problem.x_train,
+                       cfg.chunk_size)
+        return np.asarray(pivotal.craig_selection(feats, count, existing=existing,
+                                                  classes=np.argmax(probs, -1), key=key))
+    if method in ("rbc", "rbc-k", "gbc"):
+        k_feat, k_sel = jax.random.split(key)
+        feats = selection_features(method, problem, model, run, cfg, k_feat)
+        return np.asarray(pivotal.select_meta_samples(
+            feats, count, k_sel, existing=existing, exclude_fraction=cfg.exclude_fraction,
+            weighted=(method != "rbc-k"), max_iters=cfg.kmeans_iters))
+    raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def weight_auc(weights: Optional[np.ndarray], problem: Problem, pool: np.ndarray) -> Optional[float]:
+    """ROC AUC of the learned weights as a score for 'label is clean', over the pool."""
+    if weights is None:
+        return None
+    clean = problem.is_clean[pool]
+    if clean.all() or not clean.any():
+        return None  # undefined without both classes (e.g. pure imbalance)
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(clean, np.asarray(weights)[pool]))
+
+
+def warmup_run(problem: Problem, model: Model, cfg: ExperimentConfig, seed: int,
+               work_dir: str) -> tuple[np.ndarray, TrainOutcome]:
+    """Phase 1: ``M0`` random examples cleaned, meta re-weighting with snapshots."""
+    key = jax.random.PRNGKey(seed)
+    meta0 = np.asarray(pivotal.random_selection(len(problem.y_noisy), cfg.warmup,
+                                                jax.random.fold_in(key, 1)))
+    run = train_meta(problem, model, cfg, jax.random.fold_in(key, 2), meta_indices=meta0,
+                     epochs=cfg.warmup_epochs, ckpt_dir=os.path.join(work_dir, "warmup"),
+                     keep_snapshots=True, desc="warm-up")
+    return meta0, run
+
+
+def run_method(method: str, problem: Problem, model: Model, cfg: ExperimentConfig, seed: int,
+               work_dir: str, warm: Optional[tuple] = None) -> dict:
+    """Phases 2-5 for one method (phase 1 is ``warm``, shared by the methods of a seed)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    key = jax.random.PRNGKey(seed)
+    k_final = jax.random.fold_in(key, 3)  # the same for every method: a fair comparison
+    method_dir = os.path.join(work_dir, method)
+    row: dict[str, Any] = {"method": method, "selection_seconds": 0.0}
+
+    if method == "base":
+        run = train_meta(problem, model, cfg, k_final, meta_indices=None, epochs=cfg.epochs,
+                         ckpt_dir=os.path.join(method_dir, "final"), desc="base")
+        meta = np.zeros(0, np.int64)
+    else:
+        meta, prev = warm if warm is not None else warmup_run(problem, model, cfg, seed, work_dir)
+        extra = cfg.budget - cfg.warmup
+        per_round = [extra // cfg.rounds + (r < extra % cfg.rounds) for r in range(cfg.rounds)]
+        run = prev
+        for r, count in enumerate(per_round):
+            t0 = time.perf_counter()
+            k_sel = jax.random.fold_in(jax.random.fold_in(key, 4), r)
+            new = select(method, problem, model, prev, meta, count, cfg, k_sel)
+            row["selection_seconds"] += time.perf_counter() - t0
+            meta = np.concatenate([meta, np.asarray(new, np.int64)])
+            if method == "finetune":
+                break
+            last = r == cfg.rounds - 1
+            run = train_meta(problem, model, cfg, k_final, meta_indices=meta, epochs=cfg.epochs,
+                             ckpt_dir=os.path.join(method_dir, f"round{r}"),
+                             keep_snapshots=not last, desc=f"{method} r{r}")
+            prev = run
+        if method == "finetune":
+            # Fine-tune the warm-up's best model on the cleaned meta set alone.
+            run = train_meta(problem, model, cfg, k_final, meta_indices=None,
+                             epochs=cfg.finetune_epochs, init_params=(prev.best_params,
+                                                                      prev.best_model_state),
+                             train_indices=meta, train_labels=problem.y_clean,
+                             ckpt_dir=os.path.join(method_dir, "final"), desc="finetune")
+    pool = np.setdiff1d(np.arange(len(problem.y_noisy)), meta)
+    row.update(
+        test_accuracy=run.test_accuracy,
+        best_val_accuracy=run.best_val_accuracy,
+        best_epoch=run.best_epoch,
+        weight_auc=weight_auc(run.weights, problem, pool),
+        meta_indices=[int(i) for i in meta],
+        meta_noisy_before_cleaning=int(np.sum(~problem.is_clean[meta])),
+        train_seconds=run.seconds,
+    )
+    return row
