@@ -65,7 +65,7 @@ class ExperimentConfig:
     meta_batch_size: Optional[int] = None
     augment: bool = False
     num_snapshots: int = 5  # K snapshots after t*
-    snapshot_every: Optional[int] = None
+    snapshot_every: Optional[int] = None  # keep a snapshot every k epochs (None: every epoch)
     gbc_layers: int = 5
     exclude_fraction: float = 0.5
     kmeans_iters: int = 200
@@ -308,7 +308,8 @@ def train_meta(
         track["epoch"] = np.int64(epoch + 1)
         bar.set_postfix(val=f"{val:.3f}", best=f"{float(track['best_val']):.3f}")
         if manager is not None:
-            if keep_snapshots:
+            if keep_snapshots and (cfg.snapshot_every is None
+                                   or (epoch + 1) % cfg.snapshot_every == 0):
                 manager.save_snapshot(epoch, state.params, state.model_state)
             manager.save(epoch + 1, {"state": state, "best": best, "track": track})
     weights = None if best[2] is None else np.asarray(best[2])
@@ -383,8 +384,9 @@ def selection_features(method: str, problem: Problem, model: Model, run: TrainOu
             return _gbc_block(model, problem, params, model_state, k, cfg)
         return _rbc_block(model, problem, params, model_state, cfg.label_aware, cfg.chunk_size)
 
+    # Only every ``snapshot_every``-th epoch was kept; draw among those after t*.
     return pivotal.history_features(feature_fn, snapshots, key, best_epoch=run.best_epoch,
-                                    num_snapshots=cfg.num_snapshots, every=cfg.snapshot_every)
+                                    num_snapshots=cfg.num_snapshots)
 
 
 def select(method: str, problem: Problem, model: Model, run: TrainOutcome,

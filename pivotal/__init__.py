@@ -32,3 +32,18 @@ from pivotal.trainer import (
 )
 
 __version__ = "0.1.0"
+from pivotal.baselines import (
+    certainty_selection,
+    craig_selection,
+    predictive_entropy,
+    random_selection,
+    uncertainty_selection,
+)
+from pivotal.features import (
+    gbc_features,
+    history_features,
+    label_free_loss,
+    per_example_grads,
+    rbc_features,
+    sample_snapshot_epochs,
+)

@@ -1,0 +1,736 @@
+"""Per-example gradient features for meta-sample selection (paper Eq. 11-14, Alg. 3).
+
+Selection clusters one vector ``G_j`` per training example whose inner products
+approximate the inner products of full per-example loss gradients
+``<grad f_i(theta), grad f_j(theta)>`` (paper Eq. 7-9). This module builds them:
+
+* :func:`rbc_features` -- RBC (Eq. 11-12): the exact gradient of the last linear
+  layer's kernel, ``A_j outer h_j``, from one forward pass.
+* :func:`gbc_features` -- GBC (Eq. 13-14): per-example gradients of a few layers
+  importance-sampled with probability ``p_l = A_l / sum_l A_l``, scaled so the
+  feature inner products are unbiased for the full-gradient inner products.
+* :func:`per_example_grads` -- chunked ``vmap(grad)``, the workhorse of GBC.
+* :func:`sample_snapshot_epochs` / :func:`history_features` -- Alg. 3: features from
+  several parameter snapshots after the best-validation epoch, concatenated.
+
+Every ``loss_fn`` here has the signature ``loss_fn(params, batch) -> (B,)``: one loss
+per example, where ``batch`` is any pytree whose leaves share a leading axis ``B``.
+Example ``j``'s loss must depend on example ``j`` only (no batch statistics such as
+BatchNorm in training mode; pass the running statistics in ``params`` or close over
+them), because per-example gradients evaluate ``loss_fn`` on batches of one.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "GBCInfo",
+    "gbc_features",
+    "history_features",
+    "label_free_loss",
+    "layer_groups_of",
+    "make_gbc_feature_fn",
+    "make_rbc_feature_fn",
+    "per_example_grads",
+    "rbc_features",
+    "sample_snapshot_epochs",
+]
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], jax.Array]
+
+
+# ---------------------------------------------------------------------------
+# Validation helpers
+# ---------------------------------------------------------------------------
+
+
+def _concrete(x) -> np.ndarray | None:
+    """Host copy of ``x``, or None when ``x`` is a tracer (value checks are skipped under jit)."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)
+
+
+def _check_finite(name: str, x) -> None:
+    if isinstance(x, jax.core.Tracer) or not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+        return
+    # Reduce on the device: only one bool crosses to the host.
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError(f"`{name}` contains NaN or inf values.")
+
+
+def _check_positive_int(name: str, value, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def _batch_size(batch: PyTree, name: str = "batch") -> int:
+    """The common leading axis of every leaf of ``batch``."""
+    leaves = jax.tree_util.tree_leaves(batch)
+    if not leaves:
+        raise ValueError(f"`{name}` must contain at least one array leaf.")
+    sizes = set()
+    for leaf in leaves:
+        shape = np.shape(leaf)
+        if len(shape) == 0:
+            raise ValueError(f"every leaf of `{name}` needs a leading example axis; found a scalar leaf.")
+        sizes.add(shape[0])
+    if len(sizes) != 1:
+        raise ValueError(f"every leaf of `{name}` must have the same leading size N; found sizes {sorted(sizes)}.")
+    (n,) = sizes
+    if n < 1:
+        raise ValueError(f"`{name}` must hold at least one example (leading axis is 0).")
+    return n
+
+
+def _check_loss_fn(loss_fn: LossFn, params: PyTree, batch: PyTree) -> None:
+    """Abstractly evaluate ``loss_fn`` on a batch of one: it must return shape (1,)."""
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be callable as loss_fn(params, batch) -> (B,), got {type(loss_fn)}.")
+    one = jax.tree_util.tree_map(lambda x: x[:1], batch)
+    out = jax.eval_shape(loss_fn, params, one)
+    if not hasattr(out, "shape") or tuple(out.shape) != (1,):
+        shape = getattr(out, "shape", type(out))
+        raise ValueError(
+            f"`loss_fn(params, batch)` must return per-example losses of shape (B,); "
+            f"on a batch of one it returned {shape}, expected (1,)."
+        )
+
+
+# ---------------------------------------------------------------------------
+# RBC
+# ---------------------------------------------------------------------------
+
+
+def label_free_loss(logits: jax.Array) -> jax.Array:
+    r"""Label-free part of the cross-entropy: ``logsumexp(logits, axis=-1)``.
+
+    Cross-entropy splits as ``CE(z, y) = logsumexp(z) - z_y``, so its gradient w.r.t.
+    the parameters is ``J^T softmax(z) - J^T onehot(y)`` (paper Lemma 1 / Eq. S15, with
+    ``J = dz/dtheta``). The first term, which needs no label, is the gradient of this
+    function. GBC uses it under label noise, where the observed labels are untrusted.
+
+    Args:
+      logits: ``(..., C)`` unnormalised scores.
+
+    Returns:
+      ``(...)``: one value per row, e.g. ``(B,)`` for ``(B, C)`` logits.
+    """
+    if jnp.ndim(logits) < 1:
+        raise ValueError(f"`logits` must have a class axis, shape (..., C); got shape {jnp.shape(logits)}.")
+    return jax.nn.logsumexp(logits, axis=-1)
+
+
+def rbc_features(
+    penultimate: jax.Array,
+    logits: jax.Array,
+    labels: jax.Array | None = None,
+    *,
+    include_bias: bool = False,
+) -> jax.Array:
+    r"""RBC features ``G_j = A_j h_j^T`` (paper Eq. 11-12), flattened.
+
+    With ``h_j`` (D,) the input of the last linear layer and ``z_j = W h_j + b`` its
+    output (the logits),
+
+    .. math::
+        A_j = \mathrm{softmax}(z_j) - \mathrm{onehot}(y_j) \quad\text{(label-aware)},\qquad
+        A_j = \mathrm{softmax}(z_j) \quad\text{(label-free, ``labels is None``)},
+
+    and ``G_j = A_j h_j^T`` is exactly ``d f_j / d W`` (shape (C, D)) for
+    ``f_j = CE(z_j, y_j)`` (label-aware) or ``f_j = logsumexp(z_j)`` (label-free). A Flax
+    ``Dense`` kernel is stored as (D, C), so this is the per-example kernel gradient
+    transposed. The cost is one outer product per example: the output itself is
+    O(N C D), so there is nothing to gain from chunking; slice the inputs if the
+    output does not fit.
+
+    Args:
+      penultimate: ``(N, D)`` inputs ``h_j`` of the last linear layer.
+      logits: ``(N, C)`` outputs ``z_j`` of the last linear layer.
+      labels: optional ``(N,)`` integer labels in ``[0, C)``.
+      include_bias: also append ``A_j`` itself, the gradient of the bias ``b``.
+
+    Returns:
+      ``(N, C * D)`` (``(N, C * D + C)`` with ``include_bias``), row ``j`` being
+      ``A_j outer h_j`` flattened row-major over (C, D), then ``A_j``.
+    """
+    if jnp.ndim(penultimate) != 2:
+        raise ValueError(f"`penultimate` must have shape (N, D); got shape {jnp.shape(penultimate)}.")
+    if jnp.ndim(logits) != 2:
+        raise ValueError(f"`logits` must have shape (N, C); got shape {jnp.shape(logits)}.")
+    n, _ = jnp.shape(penultimate)
+    n_logits, num_classes = jnp.shape(logits)
+    if n_logits != n:
+        raise ValueError(
+            f"`logits` must have as many rows as `penultimate` ({n}); got shape {jnp.shape(logits)}."
+        )
+    _check_finite("penultimate", penultimate)
+    _check_finite("logits", logits)
+
+    a = jax.nn.softmax(logits, axis=-1)
+    if labels is not None:
+        if jnp.shape(labels) != (n,):
+            raise ValueError(f"`labels` must have shape (N,) = ({n},); got shape {jnp.shape(labels)}.")
+        if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+            raise TypeError(f"`labels` must be integers; got dtype {jnp.result_type(labels)}.")
+        value = _concrete(labels)
+        if value is not None and value.size and (value.min() < 0 or value.max() >= num_classes):
+            raise ValueError(
+                f"`labels` must lie in [0, C) = [0, {num_classes}); got values in [{value.min()}, {value.max()}]."
+            )
+        a = a - jax.nn.one_hot(labels, num_classes, dtype=a.dtype)
+
+    h = jnp.asarray(penultimate, dtype=jnp.result_type(a, penultimate))
+    kernel_grad = (a[:, :, None] * h[:, None, :]).reshape(n, -1)
+    if include_bias:
+        return jnp.concatenate([kernel_grad, a.astype(kernel_grad.dtype)], axis=1)
+    return kernel_grad
+
+
+# ---------------------------------------------------------------------------
+# Per-example gradients
+# ---------------------------------------------------------------------------
+
+
+def _single_example_loss(loss_fn: LossFn) -> Callable[[PyTree, PyTree], jax.Array]:
+    """``(params, example) -> scalar``: ``loss_fn`` on a batch of one example."""
+
+    def loss_one(params, example):
+        one = jax.tree_util.tree_map(lambda x: x[None], example)
+        return loss_fn(params, one)[0]
+
+    return loss_one
+
+
+def _map_examples(fn: Callable, batch: PyTree, chunk_size: int | None):
+    """``vmap(fn)`` over examples, or ``lax.map`` in chunks of ``chunk_size``.
+
+    ``lax.map(..., batch_size=k)`` vmaps ``k`` examples at a time inside a scan and
+    handles the remainder ``N mod k`` with one extra vmap, so peak memory is that of
+    ``k`` examples regardless of N.
+    """
+    if chunk_size is None:
+        return jax.vmap(fn)(batch)
+    return jax.lax.map(fn, batch, batch_size=chunk_size)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "chunk_size"))
+def _per_example_grads_jit(loss_fn, params, batch, chunk_size):
+    grad_one = jax.grad(_single_example_loss(loss_fn))
+    return _map_examples(lambda example: grad_one(params, example), batch, chunk_size)
+
+
+def per_example_grads(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    *,
+    chunk_size: int | None = None,
+) -> PyTree:
+    r"""Per-example gradients ``grad_theta f_j(theta)`` for every example of ``batch``.
+
+    Computed as ``vmap(grad(f_one))`` where ``f_one(params, example)`` is ``loss_fn``
+    applied to a batch holding that one example. With ``chunk_size`` the examples go
+    through ``jax.lax.map(..., batch_size=chunk_size)``, so memory is
+    O(chunk_size x P) for the gradients (plus the O(N x P) output) rather than the
+    O(N x P) intermediates of one big vmap. N need not be divisible by ``chunk_size``.
+
+    The computation is jit-compiled and cached on ``(loss_fn, chunk_size)``: pass the
+    same ``loss_fn`` object across calls to avoid recompiling.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> (B,)`` per-example losses.
+      params: parameter pytree (P parameters in all).
+      batch: pytree whose leaves have a leading axis N.
+      chunk_size: examples per vectorised chunk; None = all at once.
+
+    Returns:
+      A pytree like ``params`` whose leaves have shape ``(N, *leaf.shape)``.
+    """
+    _check_positive_int("chunk_size", chunk_size, allow_none=True)
+    _batch_size(batch)
+    _check_loss_fn(loss_fn, params, batch)
+    return _per_example_grads_jit(loss_fn, params, batch, chunk_size)
+
+
+# ---------------------------------------------------------------------------
+# GBC
+# ---------------------------------------------------------------------------
+
+
+def _leaf_path_str(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def layer_groups_of(
+    params: PyTree,
+    layer_groups: Callable[[str], Hashable] | Mapping[str, Sequence[str]] | Sequence[Sequence[str]] | None = None,
+) -> dict[str, list[int]]:
+    """The "layers" GBC samples from: a partition of the leaves of ``params``.
+
+    Leaves are named by their path joined with ``/`` (e.g. ``"params/Dense_0/kernel"``).
+
+    * ``layer_groups=None`` (default): leaves that share the same parent path form one
+      layer, named by that parent (``"params/Dense_0"`` holds its ``kernel`` and
+      ``bias``) -- one Flax module = one layer. Leaves directly at the root share the
+      layer ``""``.
+    * a callable ``leaf_path -> group name``: leaves with equal names form one layer.
+    * a mapping ``{group name: [leaf paths]}`` or a sequence of lists of leaf paths
+      (named ``"group_0"``, ``"group_1"``, ...): every leaf must appear exactly once.
+
+    Returns:
+      ``{layer name: [leaf indices in tree_leaves order]}`` in order of first leaf.
+    """
+    paths = [_leaf_path_str(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    if not paths:
+        raise ValueError("`params` has no array leaves.")
+    groups: dict[str, list[int]] = {}
+    if layer_groups is None or callable(layer_groups):
+        for index, path in enumerate(paths):
+            if layer_groups is None:
+                name = path.rsplit("/", 1)[0] if "/" in path else ""
+            else:
+                name = layer_groups(path)
+                if not isinstance(name, Hashable):
+                    raise TypeError(f"`layer_groups` must map a leaf path to a hashable name; got {name!r}.")
+            groups.setdefault(str(name), []).append(index)
+        return groups
+
+    if isinstance(layer_groups, Mapping):
+        named = [(str(name), list(members)) for name, members in layer_groups.items()]
+    elif isinstance(layer_groups, Sequence) and not isinstance(layer_groups, str):
+        named = [(f"group_{i}", list(members)) for i, members in enumerate(layer_groups)]
+    else:
+        raise TypeError(
+            "`layer_groups` must be None, a callable leaf_path -> name, a mapping name -> leaf paths, "
+            f"or a sequence of lists of leaf paths; got {type(layer_groups)}."
+        )
+    position = {path: index for index, path in enumerate(paths)}
+    seen: set[str] = set()
+    for name, members in named:
+        if not members:
+            raise ValueError(f"`layer_groups` group {name!r} is empty.")
+        for path in members:
+            if path not in position:
+                raise ValueError(f"`layer_groups` names an unknown leaf path {path!r}; known paths: {paths}.")
+            if path in seen:
+                raise ValueError(f"`layer_groups` lists leaf path {path!r} more than once.")
+            seen.add(path)
+        groups[name] = [position[path] for path in members]
+    missing = [path for path in paths if path not in seen]
+    if missing:
+        raise ValueError(f"`layer_groups` must cover every leaf of `params`; missing {missing}.")
+    return groups
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "chunk_size"))
+def _leaf_sq_norms_of_mean_grad(loss_fn, params, batch, chunk_size):
+    """``||(1/N) sum_j grad_leaf f_j||^2`` for every leaf, with memory O(chunk x activations).
+
+    The mean gradient is one backward pass of the summed loss per chunk, accumulated in
+    a scan; per-example gradients are never formed.
+    """
+    n = jax.tree_util.tree_leaves(batch)[0].shape[0]
+
+    def grad_of_sum(chunk):
+        return jax.grad(lambda p: jnp.sum(loss_fn(p, chunk)))(params)
+
+    chunk = n if chunk_size is None else min(chunk_size, n)
+    num_full = n // chunk
+    head = jax.tree_util.tree_map(lambda x: x[: num_full * chunk].reshape((num_full, chunk) + x.shape[1:]), batch)
+
+    def body(total, chunk_batch):
+        return jax.tree_util.tree_map(jnp.add, total, grad_of_sum(chunk_batch)), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    total, _ = jax.lax.scan(body, zeros, head)
+    if num_full * chunk < n:
+        tail = jax.tree_util.tree_map(lambda x: x[num_full * chunk :], batch)
+        total = jax.tree_util.tree_map(jnp.add, total, grad_of_sum(tail))
+    return [jnp.sum(jnp.square(g / n)) for g in jax.tree_util.tree_leaves(total)]
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "leaf_ids", "chunk_size"))
+def _selected_leaf_features(loss_fn, params, batch, leaf_ids, leaf_scales, chunk_size):
+    """``(N, D)``: per-example gradients of the leaves ``leaf_ids`` only, flattened and scaled.
+
+    ``leaf_ids`` lists the leaves in column order (a leaf may repeat); ``leaf_scales``
+    holds one factor per entry.
+
+    Only the selected leaves are differentiated; the others are closed-over constants,
+    so XLA neither forms their weight gradients nor backpropagates below the lowest
+    selected layer.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    # A leaf may appear in several blocks (unmerged repeated draws): differentiate it once.
+    unique_ids = tuple(sorted(set(leaf_ids)))
+    slot = {leaf: k for k, leaf in enumerate(unique_ids)}
+    selected = tuple(leaves[i] for i in unique_ids)
+
+    def loss_of_selected(sub, example):
+        full = list(leaves)
+        for i, value in zip(unique_ids, sub):
+            full[i] = value
+        return _single_example_loss(loss_fn)(jax.tree_util.tree_unflatten(treedef, full), example)
+
+    grad_one = jax.grad(loss_of_selected)
+
+    def feature_one(example):
+        grads = grad_one(selected, example)
+        return jnp.concatenate([s * jnp.ravel(grads[slot[i]]) for i, s in zip(leaf_ids, leaf_scales)])
+
+    return _map_examples(feature_one, batch, chunk_size)
+
+
+class GBCInfo(NamedTuple):
+    """What :func:`gbc_features` drew.
+
+    Attributes:
+      layer_names: ``(L,)`` every layer's name, in leaf order.
+      importance: ``(L,)`` ``A_l = ||(1/N) sum_j grad_l f_j||^2``.
+      probabilities: ``(L,)`` ``p_l = A_l / sum_l A_l``.
+      draws: ``(R,)`` names of the ``num_layers`` draws, in draw order.
+      blocks: names of the feature blocks, in column order.
+      counts: ``(len(blocks),)`` how many draws each block stands for.
+      scales: ``(len(blocks),)`` the factor each block's gradient was multiplied by.
+      block_sizes: ``(len(blocks),)`` columns of each block (the layer's parameter count).
+    """
+
+    layer_names: tuple[str, ...]
+    importance: np.ndarray
+    probabilities: np.ndarray
+    draws: tuple[str, ...]
+    blocks: tuple[str, ...]
+    counts: np.ndarray
+    scales: np.ndarray
+    block_sizes: np.ndarray
+
+
+def gbc_features(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    key: jax.Array,
+    *,
+    num_layers: int = 5,
+    chunk_size: int | None = None,
+    layer_groups=None,
+    merge_repeats: bool = True,
+    return_info: bool = False,
+):
+    r"""GBC features (paper Eq. 13-14): importance-sampled per-example layer gradients.
+
+    The full-gradient inner product splits over layers (Eq. 13),
+    ``<g_i, g_j> = sum_l <g_il, g_jl>`` with ``g_jl = grad_{theta_l} f_j``. With the layer
+    importance and sampling probability (Eq. 14)
+
+    .. math::
+        A_l = \Big\|\frac{1}{N}\sum_j \nabla_{\theta_l} f_j\Big\|_F^2, \qquad p_l = A_l / \sum_{l'} A_{l'},
+
+    ``R = num_layers`` layers ``l_1..l_R`` are drawn i.i.d. from ``p`` (with
+    replacement; one draw shared by all examples so every ``G_j`` has the same layout)
+    and the feature is ``G_j = [g_{j l_r} / sqrt(R p_{l_r})]_{r=1..R}``. Then
+
+    .. math::
+        \mathbb{E}\,\langle G_i, G_j\rangle = \sum_r \mathbb{E}\frac{\langle g_{il_r}, g_{jl_r}\rangle}{R\,p_{l_r}}
+        = \sum_l \langle g_{il}, g_{jl}\rangle = \langle g_i, g_j\rangle,
+
+    an unbiased estimate of the full-gradient Gram matrix. With ``merge_repeats`` (the
+    default) a layer drawn ``c_l`` times appears once, scaled by ``sqrt(c_l / (R p_l))``:
+    identical inner products, narrower features. Blocks are ordered by layer (leaf
+    order); with ``merge_repeats=False`` there are R blocks in draw order.
+
+    ``A_l`` comes from the gradient of the mean loss, one backward pass per chunk, never
+    from per-example gradients. Per-example gradients (chunked ``vmap(grad)``) are then
+    taken only w.r.t. the drawn layers' leaves. Layers with ``A_l = 0`` are never drawn.
+    The layout depends on the draw, so this function is not jittable as a whole; its two
+    passes are jit-compiled and cached on ``(loss_fn, chunk_size, drawn leaves)``.
+
+    For label noise, build ``loss_fn`` on :func:`label_free_loss` (the paper's label-free
+    gradient); for class imbalance, use the cross-entropy.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> (B,)`` per-example losses.
+      params: parameter pytree.
+      batch: pytree of N examples (leading axis N on every leaf).
+      key: ``jax.random`` key for the layer draw.
+      num_layers: R, the number of draws.
+      chunk_size: examples per vectorised chunk (memory O(chunk x P)); None = all.
+      layer_groups: how leaves form layers; see :func:`layer_groups_of` (default: one
+        layer per parent path, e.g. one Flax module's ``{kernel, bias}``).
+      merge_repeats: merge repeated draws of a layer into one block.
+      return_info: also return a :class:`GBCInfo`.
+
+    Returns:
+      ``(N, D)`` features, D the summed size of the blocks; ``(features, info)`` with
+      ``return_info``.
+    """
+    _check_positive_int("num_layers", num_layers)
+    _check_positive_int("chunk_size", chunk_size, allow_none=True)
+    if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape == (2,))):
+        raise TypeError(f"`key` must be a jax.random key; got {type(key)} {getattr(key, 'shape', '')}.")
+    _batch_size(batch)
+    groups = layer_groups_of(params, layer_groups)
+    leaves = jax.tree_util.tree_leaves(params)
+    for i, leaf in enumerate(leaves):
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            raise TypeError(f"every leaf of `params` must be floating point; leaf {i} has dtype {jnp.result_type(leaf)}.")
+    _check_loss_fn(loss_fn, params, batch)
+
+    leaf_sq = np.asarray(jax.device_get(_leaf_sq_norms_of_mean_grad(loss_fn, params, batch, chunk_size)), np.float64)
+    names = tuple(groups)
+    importance = np.array([leaf_sq[ids].sum() for ids in groups.values()], dtype=np.float64)
+    if not np.all(np.isfinite(importance)):
+        raise ValueError("layer importances A_l are not finite: the loss or its gradient has NaN/inf at `params`.")
+    total = importance.sum()
+    if total <= 0:
+        raise ValueError(
+            "every layer importance A_l = ||mean gradient||^2 is zero: the mean loss is stationary at "
+            "`params`, so there is no layer distribution to sample from."
+        )
+    probs = importance / total
+
+    # Sampling on log p sends p = 0 to -inf, so zero-importance layers are never drawn.
+    with np.errstate(divide="ignore"):
+        log_p = jnp.asarray(np.log(probs), dtype=jnp.float32)
+    draws = np.asarray(jax.random.categorical(key, log_p, shape=(num_layers,)))
+
+    if merge_repeats:
+        block_layers, counts = np.unique(draws, return_counts=True)
+    else:
+        block_layers, counts = draws, np.ones_like(draws)
+    scales = np.sqrt(counts / (num_layers * probs[block_layers]))
+
+    leaf_ids: list[int] = []
+    leaf_scales: list[float] = []
+    block_sizes: list[int] = []
+    for layer, scale in zip(block_layers, scales):
+        ids = groups[names[layer]]
+        leaf_ids.extend(ids)
+        leaf_scales.extend([scale] * len(ids))
+        block_sizes.append(int(sum(math.prod(np.shape(leaves[i])) for i in ids)))
+
+    dtype = jnp.result_type(*[leaves[i] for i in leaf_ids])
+    features = _selected_leaf_features(
+        loss_fn, params, batch, tuple(leaf_ids), jnp.asarray(leaf_scales, dtype=dtype), chunk_size
+    )
+    if not return_info:
+        return features
+    info = GBCInfo(
+        layer_names=names,
+        importance=importance,
+        probabilities=probs,
+        draws=tuple(names[i] for i in draws),
+        blocks=tuple(names[i] for i in block_layers),
+        counts=np.asarray(counts),
+        scales=np.asarray(scales),
+        block_sizes=np.asarray(block_sizes),
+    )
+    return features, info
+
+
+# ---------------------------------------------------------------------------
+# Snapshot history (Alg. 3)
+# ---------------------------------------------------------------------------
+
+
+def sample_snapshot_epochs(
+    num_epochs: int | Sequence[int],
+    best_epoch: int,
+    num_snapshots: int,
+    key: jax.Array,
+    *,
+    every: int | None = None,
+) -> np.ndarray:
+    """Epochs whose parameter snapshots feed the features (paper Alg. 3, first line).
+
+    Convention: epochs are 0-based. ``num_epochs = T`` means snapshots ``0..T-1`` exist
+    (or pass the sequence of cached epoch indices). The candidates are the epochs
+    strictly after the best-validation epoch ``t*`` (``t*+1 .. T-1``); with ``every=k``
+    only ``t*+k, t*+2k, ...`` (the paper's "every 20 epochs after t*"). ``num_snapshots``
+    of them are drawn uniformly without replacement and returned sorted.
+
+    * Fewer candidates than ``num_snapshots``: all are returned, with a warning.
+    * No candidate (t* is the last epoch): the last available epoch is returned, with a
+      warning.
+
+    Returns:
+      ``(K,)`` sorted int64 epoch indices, deterministic given ``key``.
+    """
+    if isinstance(num_epochs, (int, np.integer)) and not isinstance(num_epochs, bool):
+        _check_positive_int("num_epochs", num_epochs)
+        available = np.arange(num_epochs)
+    elif isinstance(num_epochs, Sequence) or isinstance(num_epochs, np.ndarray):
+        available = np.unique(np.asarray(num_epochs))
+        if available.size == 0 or available.ndim != 1 or not np.issubdtype(available.dtype, np.integer):
+            raise ValueError(f"`num_epochs` as a sequence must hold at least one integer epoch index; got {num_epochs!r}.")
+    else:
+        raise TypeError(f"`num_epochs` must be an int or a sequence of epoch indices; got {type(num_epochs)}.")
+    if isinstance(best_epoch, bool) or not isinstance(best_epoch, (int, np.integer)):
+        raise TypeError(f"`best_epoch` must be an int; got {type(best_epoch)}.")
+    if best_epoch < 0 or best_epoch > available.max():
+        raise ValueError(f"`best_epoch` must lie in [0, {available.max()}]; got {best_epoch}.")
+    _check_positive_int("num_snapshots", num_snapshots)
+    _check_positive_int("every", every, allow_none=True)
+
+    candidates = available[available > best_epoch]
+    if every is not None:
+        candidates = candidates[(candidates - best_epoch) % every == 0]
+    if candidates.size == 0:
+        warnings.warn(
+            f"no snapshot after best_epoch={best_epoch}; falling back to the last epoch {available.max()}.",
+            stacklevel=2,
+        )
+        return np.array([available.max()], dtype=np.int64)
+    if candidates.size < num_snapshots:
+        warnings.warn(
+            f"asked for {num_snapshots} snapshots but only {candidates.size} epochs follow "
+            f"best_epoch={best_epoch}; using all of them.",
+            stacklevel=2,
+        )
+        return candidates.astype(np.int64)
+    chosen = np.asarray(jax.random.choice(key, candidates.size, shape=(num_snapshots,), replace=False))
+    return np.sort(candidates[chosen]).astype(np.int64)
+
+
+def history_features(
+    feature_fn: Callable[[PyTree, jax.Array], jax.Array],
+    snapshots: Sequence[PyTree] | Mapping[int, PyTree],
+    key: jax.Array,
+    *,
+    epochs: Sequence[int] | None = None,
+    best_epoch: int | None = None,
+    num_snapshots: int | None = None,
+    every: int | None = None,
+    return_epochs: bool = False,
+):
+    """Concatenate features from several parameter snapshots (paper Alg. 3).
+
+    ``G_j = [F(theta_{t_1})_j, ..., F(theta_{t_K})_j]`` with ``F = feature_fn``: its
+    inner products sum those of the per-snapshot features, i.e. the sum over time steps
+    in the paper's Eq. 9, estimated on the sampled ``t_1 < ... < t_K``.
+
+    Which snapshots:
+
+    * ``epochs`` given: exactly those (sorted; indices into ``snapshots``).
+    * else ``best_epoch`` and ``num_snapshots`` given: drawn by
+      :func:`sample_snapshot_epochs` over the epochs of ``snapshots``.
+    * else every snapshot.
+
+    ``snapshots`` is a sequence indexed by epoch, or a mapping ``{epoch: params}`` (only
+    some epochs cached). Example order is whatever ``feature_fn`` produces and must be
+    the same for every snapshot (build it on one fixed, unshuffled batch); block ``k``
+    comes from the ``k``-th chosen epoch in increasing order.
+
+    Keys: ``key`` is split into one key for the epoch draw and a base key; snapshot
+    ``t`` gets ``fold_in(base, t)``, so its block does not depend on which other epochs
+    were drawn. For RBC ``feature_fn`` can ignore the key (see
+    :func:`make_rbc_feature_fn`); GBC uses it for its layer draw
+    (:func:`make_gbc_feature_fn`).
+
+    Args:
+      feature_fn: ``feature_fn(params, key) -> (N, D_k)``.
+      snapshots: the cached parameters.
+      key: ``jax.random`` key.
+
+    Returns:
+      ``(N, sum_k D_k)``; ``(features, epochs)`` with ``return_epochs``.
+    """
+    if not callable(feature_fn):
+        raise TypeError(f"`feature_fn` must be callable as feature_fn(params, key); got {type(feature_fn)}.")
+    if isinstance(snapshots, Mapping):
+        available = sorted(int(e) for e in snapshots)
+    elif isinstance(snapshots, Sequence) and not isinstance(snapshots, str):
+        available = list(range(len(snapshots)))
+    else:
+        raise TypeError(f"`snapshots` must be a sequence indexed by epoch or a mapping epoch -> params; got {type(snapshots)}.")
+    if not available:
+        raise ValueError("`snapshots` is empty.")
+
+    key_epochs, key_features = jax.random.split(key)
+    if epochs is not None:
+        chosen = np.unique(np.asarray(epochs))
+        if chosen.size == 0 or not np.issubdtype(chosen.dtype, np.integer):
+            raise ValueError(f"`epochs` must be a non-empty sequence of integer epochs; got {epochs!r}.")
+        unknown = [int(e) for e in chosen if int(e) not in set(available)]
+        if unknown:
+            raise ValueError(f"`epochs` names snapshots that do not exist: {unknown}; available: {available}.")
+    elif best_epoch is not None or num_snapshots is not None:
+        if best_epoch is None or num_snapshots is None:
+            raise ValueError("pass both `best_epoch` and `num_snapshots` (or `epochs`, or neither).")
+        chosen = sample_snapshot_epochs(available, best_epoch, num_snapshots, key_epochs, every=every)
+    else:
+        chosen = np.asarray(available)
+
+    blocks = []
+    n_rows = None
+    for epoch in chosen:
+        block = feature_fn(snapshots[int(epoch)], jax.random.fold_in(key_features, int(epoch)))
+        if jnp.ndim(block) != 2:
+            raise ValueError(f"`feature_fn` must return (N, D); for epoch {int(epoch)} it returned shape {jnp.shape(block)}.")
+        if n_rows is not None and block.shape[0] != n_rows:
+            raise ValueError(
+                f"`feature_fn` returned {block.shape[0]} rows for epoch {int(epoch)} but {n_rows} before; "
+                "every snapshot must describe the same examples in the same order."
+            )
+        n_rows = block.shape[0]
+        blocks.append(block)
+    features = jnp.concatenate(blocks, axis=1)
+    chosen = np.asarray(chosen, dtype=np.int64)
+    return (features, chosen) if return_epochs else features
+
+
+def make_rbc_feature_fn(
+    forward_fn: Callable[[PyTree, PyTree], tuple[jax.Array, jax.Array]],
+    batch: PyTree,
+    *,
+    labels: jax.Array | None = None,
+    include_bias: bool = False,
+    chunk_size: int | None = None,
+) -> Callable[[PyTree, jax.Array], jax.Array]:
+    """``feature_fn(params, key) -> (N, C*D)`` for :func:`history_features`, RBC flavour.
+
+    ``forward_fn(params, batch) -> (penultimate (B, D), logits (B, C))``. The forward
+    pass runs in chunks of ``chunk_size`` examples (``lax.map``) to bound activation
+    memory; the key is ignored (RBC is deterministic).
+    """
+    _check_positive_int("chunk_size", chunk_size, allow_none=True)
+
+    def feature_fn(params, key=None):
+        del key
+        if chunk_size is None:
+            h, z = forward_fn(params, batch)
+        else:
+            one = lambda ex: jax.tree_util.tree_map(lambda x: x[0], forward_fn(params, jax.tree_util.tree_map(lambda x: x[None], ex)))
+            h, z = jax.lax.map(one, batch, batch_size=chunk_size)
+        return rbc_features(h, z, labels, include_bias=include_bias)
+
+    return feature_fn
+
+
+def make_gbc_feature_fn(loss_fn: LossFn, batch: PyTree, **gbc_kwargs) -> Callable[[PyTree, jax.Array], jax.Array]:
+    """``feature_fn(params, key) -> (N, D)`` for :func:`history_features`, GBC flavour.
+
+    Each snapshot gets its own importances and its own layer draw (from its key), as in
+    Alg. 3. ``gbc_kwargs`` go to :func:`gbc_features` (``num_layers``, ``chunk_size``,
+    ``layer_groups``, ``merge_repeats``).
+    """
+    if gbc_kwargs.get("return_info"):
+        raise ValueError("`return_info` cannot be used inside a history feature_fn.")
+
+    def feature_fn(params, key):
+        return gbc_features(loss_fn, params, batch, key, **gbc_kwargs)
+
+    return feature_fn

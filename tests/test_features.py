@@ -1,0 +1,417 @@
+"""Tests for pivotal.features: RBC, per-example gradients, GBC, snapshot history."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pivotal.features import (
+    gbc_features,
+    history_features,
+    label_free_loss,
+    layer_groups_of,
+    make_gbc_feature_fn,
+    make_rbc_feature_fn,
+    per_example_grads,
+    rbc_features,
+    sample_snapshot_epochs,
+)
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+class Net(nn.Module):
+    """Two tanh layers and a Dense head; returns (penultimate, logits)."""
+
+    hidden: int = 6
+    penultimate: int = 5
+    classes: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(self.hidden, name="hidden")(x))
+        h = jnp.tanh(nn.Dense(self.penultimate, name="penult")(h))
+        return h, nn.Dense(self.classes, name="head")(h)
+
+
+def make_problem(n=8, in_dim=3, seed=0):
+    # Cached so that tests share loss_fn objects, hence the compiled per-example kernels;
+    # keyed on the x64 flag so float64 tests get float64 arrays.
+    return _make_problem(n, in_dim, seed, bool(jax.config.jax_enable_x64))
+
+
+@functools.lru_cache(maxsize=None)
+def _make_problem(n, in_dim, seed, x64_enabled):
+    model = Net()
+    k_init, k_x, k_y = jax.random.split(jax.random.PRNGKey(seed), 3)
+    dtype = jnp.float64 if x64_enabled else jnp.float32
+    x = jax.random.normal(k_x, (n, in_dim), dtype=dtype)
+    y = jax.random.randint(k_y, (n,), 0, model.classes)
+    params = jax.jit(model.init)(k_init, x[:1])
+    params = jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
+    batch = {"x": x, "y": y, "index": jnp.arange(n)}
+
+    def ce_loss(p, b):
+        _, z = model.apply(p, b["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(z, b["y"])
+
+    def lf_loss(p, b):
+        _, z = model.apply(p, b["x"])
+        return label_free_loss(z)
+
+    return model, params, batch, ce_loss, lf_loss
+
+
+def flat_grads(grads):
+    """(N, P) matrix from a per-example gradient pytree."""
+    leaves = jax.tree_util.tree_leaves(grads)
+    return jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in leaves], axis=1)
+
+
+# ---------------------------------------------------------------------------
+# RBC
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("label_aware", [False, True])
+def test_rbc_equals_head_kernel_and_bias_gradient(x64, label_aware):
+    model, params, batch, ce_loss, lf_loss = make_problem()
+    loss_fn = ce_loss if label_aware else lf_loss
+    # Reference: vmap(grad) of the single-example loss w.r.t. the whole parameter tree.
+    single = lambda p, x, y: loss_fn(p, {"x": x[None], "y": y[None]})[0]
+    grads = jax.jit(jax.vmap(jax.grad(single), in_axes=(None, 0, 0)))(params, batch["x"], batch["y"])
+    kernel = grads["params"]["head"]["kernel"]  # (N, D, C)
+    bias = grads["params"]["head"]["bias"]  # (N, C)
+    n, d, c = kernel.shape
+
+    h, z = model.apply(params, batch["x"])
+    labels = batch["y"] if label_aware else None
+    feats = rbc_features(h, z, labels, include_bias=True)
+    chex.assert_shape(feats, (n, c * d + c))
+    chex.assert_type(feats, jnp.float64)
+    expected_kernel = jnp.transpose(kernel, (0, 2, 1)).reshape(n, c * d)
+    np.testing.assert_allclose(feats[:, : c * d], expected_kernel, atol=1e-12, rtol=1e-6)
+    np.testing.assert_allclose(feats[:, c * d :], bias, atol=1e-12, rtol=1e-6)
+    np.testing.assert_array_equal(rbc_features(h, z, labels), feats[:, : c * d])
+
+
+def test_rbc_label_free_rows_nonnegative_when_h_nonnegative():
+    # softmax > 0 and h >= 0 give all-positive features (why the paper's S2 needs no sign).
+    h = jnp.abs(jax.random.normal(jax.random.PRNGKey(1), (4, 3)))
+    z = jax.random.normal(jax.random.PRNGKey(2), (4, 5))
+    assert bool(jnp.all(rbc_features(h, z) >= 0))
+    # label-aware rows: the A_j entries sum to zero per example.
+    y = jnp.array([0, 1, 2, 3])
+    a = rbc_features(h, z, y, include_bias=True)[:, -5:]
+    np.testing.assert_allclose(a.sum(axis=1), 0.0, atol=1e-6)
+
+
+def test_rbc_is_jittable():
+    h = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
+    z = jax.random.normal(jax.random.PRNGKey(2), (4, 5))
+    y = jnp.array([0, 4, 2, 3])
+    np.testing.assert_allclose(jax.jit(rbc_features)(h, z, y), rbc_features(h, z, y), rtol=1e-6)
+
+
+def test_rbc_bad_inputs():
+    h = jnp.ones((4, 3))
+    z = jnp.zeros((4, 5))
+    with pytest.raises(ValueError, match="penultimate"):
+        rbc_features(jnp.ones(4), z)
+    with pytest.raises(ValueError, match="logits"):
+        rbc_features(h, jnp.zeros((3, 5)))
+    with pytest.raises(ValueError, match="labels"):
+        rbc_features(h, z, jnp.array([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"labels.*\[0, C\)"):
+        rbc_features(h, z, jnp.array([0, 1, 2, 5]))
+    with pytest.raises(ValueError, match="labels"):
+        rbc_features(h, z, jnp.array([0, -1, 2, 3]))
+    with pytest.raises(TypeError, match="labels"):
+        rbc_features(h, z, jnp.array([0.0, 1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="NaN"):
+        rbc_features(h.at[0, 0].set(jnp.nan), z)
+
+
+def test_label_free_loss_gradient_is_softmax():
+    z = jax.random.normal(jax.random.PRNGKey(3), (6, 4))
+    np.testing.assert_allclose(label_free_loss(z), jax.nn.logsumexp(z, axis=1), rtol=1e-6)
+    g = jax.grad(lambda z: label_free_loss(z).sum())(z)
+    np.testing.assert_allclose(g, jax.nn.softmax(z), rtol=1e-5, atol=1e-7)
+    # CE = label-free - label-dependent (Lemma 1).
+    y = jnp.array([0, 1, 2, 3, 0, 1])
+    ce = optax.softmax_cross_entropy_with_integer_labels(z, y)
+    np.testing.assert_allclose(ce, label_free_loss(z) - z[jnp.arange(6), y], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="logits"):
+        label_free_loss(jnp.float32(1.0))
+
+
+# ---------------------------------------------------------------------------
+# per_example_grads
+# ---------------------------------------------------------------------------
+
+
+def test_per_example_grads_chunked_matches_python_loop(x64):
+    _, params, batch, ce_loss, _ = make_problem()
+    # Reference: one jax.grad call per example on a batch of one, in a Python loop.
+    grad_of_one = jax.jit(jax.grad(lambda p, example: ce_loss(p, example)[0]))
+    refs = [grad_of_one(params, jax.tree_util.tree_map(lambda x: x[j : j + 1], batch)) for j in range(8)]
+    # 8 examples: all at once, chunks of 1, chunks of 3 (remainder 2), exactly 8, and more than N.
+    for chunk_size in (None, 1, 3, 8, 50):
+        grads = per_example_grads(ce_loss, params, batch, chunk_size=chunk_size)
+        chex.assert_trees_all_equal_structs(grads, params)
+        for g, p in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(params)):
+            chex.assert_shape(g, (8,) + p.shape)
+        for j, ref in enumerate(refs):
+            got = jax.tree_util.tree_map(lambda g: g[j], grads)
+            chex.assert_trees_all_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_per_example_grads_chunked_equals_unchunked():
+    _, params, batch, _, lf_loss = make_problem()
+    full = per_example_grads(lf_loss, params, batch)
+    chex.assert_trees_all_close(per_example_grads(lf_loss, params, batch, chunk_size=3), full, rtol=1e-5, atol=1e-6)
+
+
+def test_per_example_grads_bad_inputs():
+    _, params, batch, ce_loss, _ = make_problem()
+    with pytest.raises(ValueError, match="chunk_size"):
+        per_example_grads(ce_loss, params, batch, chunk_size=0)
+    with pytest.raises(ValueError, match="leading size"):
+        per_example_grads(ce_loss, params, {"x": batch["x"], "y": batch["y"][:3]})
+    with pytest.raises(ValueError, match=r"\(B,\)"):
+        per_example_grads(lambda p, b: ce_loss(p, b).mean(), params, batch)
+    with pytest.raises(TypeError, match="loss_fn"):
+        per_example_grads("not a function", params, batch)
+
+
+# ---------------------------------------------------------------------------
+# GBC
+# ---------------------------------------------------------------------------
+
+
+def test_layer_groups_default_and_overrides():
+    _, params, _, _, _ = make_problem()
+    groups = layer_groups_of(params)
+    assert list(groups) == ["params/head", "params/hidden", "params/penult"]
+    assert all(len(v) == 2 for v in groups.values())  # {bias, kernel}
+    by_kind = layer_groups_of(params, lambda path: path.rsplit("/", 1)[1])
+    assert sorted(by_kind) == ["bias", "kernel"]
+    explicit = layer_groups_of(params, {"top": ["params/head/kernel", "params/head/bias"],
+                                        "rest": ["params/hidden/kernel", "params/hidden/bias",
+                                                 "params/penult/kernel", "params/penult/bias"]})
+    assert [len(v) for v in explicit.values()] == [2, 4]
+    with pytest.raises(ValueError, match="cover every leaf"):
+        layer_groups_of(params, [["params/head/kernel"]])
+    with pytest.raises(ValueError, match="unknown leaf path"):
+        layer_groups_of(params, [["params/nope"]])
+    with pytest.raises(ValueError, match="more than once"):
+        layer_groups_of(params, [["params/head/kernel"], ["params/head/kernel"]])
+
+
+def _split_blocks(feats, info):
+    edges = np.cumsum(info.block_sizes)[:-1]
+    return np.split(np.asarray(feats), edges, axis=1)
+
+
+def test_gbc_gram_is_unbiased_for_full_gradient_gram(x64):
+    # Small net (3 layers), R = 2 draws per call. The Gram matrix of one call is an
+    # unbiased estimate of the full per-example-gradient Gram matrix; the mean of K
+    # independent draws has relative Frobenius error ~ sigma_1 / sqrt(K) where sigma_1
+    # is the single-draw relative RMS error (measured below, ~0.4 here). With K = 200
+    # the expected error is ~0.03; we allow 0.1 (> 3.5 sigma). A mis-scaled estimator
+    # (blocks scaled by sqrt(count / R), i.e. ignoring p_l) has a systematic bias that
+    # does not shrink with K (~0.65 here), which we check exceeds 0.2.
+    _, params, batch, ce_loss, _ = make_problem(n=8, seed=4)
+    full = flat_grads(per_example_grads(ce_loss, params, batch))
+    gram_full = np.asarray(full @ full.T)
+    norm_full = np.linalg.norm(gram_full)
+
+    num_draws, k = 2, 200
+    keys = jax.random.split(jax.random.PRNGKey(123), k)
+    grams, wrong_grams = [], []
+    probs = None
+    for key in keys:
+        feats, info = gbc_features(ce_loss, params, batch, key, num_layers=num_draws, return_info=True)
+        probs = info.probabilities
+        feats = np.asarray(feats)
+        grams.append(feats @ feats.T)
+        # Re-scale each block by sqrt(count/R) instead of sqrt(count/(R p)).
+        blocks = _split_blocks(feats, info)
+        wrong = np.concatenate(
+            [b / s * np.sqrt(c / num_draws) for b, s, c in zip(blocks, info.scales, info.counts)], axis=1
+        )
+        wrong_grams.append(wrong @ wrong.T)
+
+    # The layer distribution must be far enough from uniform for the mis-scaling to show.
+    assert probs.max() / probs.min() > 2.0
+    single_err = np.mean([np.linalg.norm(g - gram_full) ** 2 for g in grams]) ** 0.5 / norm_full
+    err = np.linalg.norm(np.mean(grams, axis=0) - gram_full) / norm_full
+    wrong_err = np.linalg.norm(np.mean(wrong_grams, axis=0) - gram_full) / norm_full
+    assert single_err > 0.2  # one draw is far off: it is the averaging that converges
+    assert err < 0.1, (err, single_err)
+    assert wrong_err > 0.2, wrong_err
+
+
+def test_gbc_merged_and_unmerged_blocks_have_same_inner_products(x64):
+    _, params, batch, ce_loss, _ = make_problem()
+    key = jax.random.PRNGKey(7)
+    merged, info_m = gbc_features(ce_loss, params, batch, key, num_layers=6, return_info=True)
+    unmerged, info_u = gbc_features(ce_loss, params, batch, key, num_layers=6, merge_repeats=False, return_info=True)
+    assert info_m.draws == info_u.draws
+    assert len(info_u.blocks) == 6 and info_m.counts.sum() == 6
+    assert merged.shape[1] < unmerged.shape[1]
+    np.testing.assert_allclose(merged @ merged.T, unmerged @ unmerged.T, rtol=1e-10, atol=1e-14)
+
+
+def test_gbc_blocks_are_scaled_per_example_gradients(x64):
+    _, params, batch, _, lf_loss = make_problem()
+    feats, info = gbc_features(lf_loss, params, batch, jax.random.PRNGKey(0), num_layers=3,
+                               chunk_size=3, return_info=True)
+    grads = per_example_grads(lf_loss, params, batch)
+    np.testing.assert_allclose(info.probabilities.sum(), 1.0)
+    mean_grads = jax.tree_util.tree_map(lambda g: g.mean(axis=0), grads)["params"]
+    for name, a in zip(info.layer_names, info.importance):
+        layer = mean_grads[name.split("/")[1]]
+        np.testing.assert_allclose(a, sum(float(jnp.sum(v**2)) for v in layer.values()), rtol=1e-9)
+    for block, name, scale, count in zip(_split_blocks(feats, info), info.blocks, info.scales, info.counts):
+        p = info.probabilities[info.layer_names.index(name)]
+        np.testing.assert_allclose(scale, np.sqrt(count / (3 * p)))
+        layer = grads["params"][name.split("/")[1]]
+        expected = np.concatenate([np.asarray(layer[leaf]).reshape(8, -1) for leaf in ("bias", "kernel")], axis=1)
+        np.testing.assert_allclose(block, scale * expected, rtol=1e-9, atol=1e-14)
+
+
+def test_gbc_deterministic_given_key_and_chunk_invariant():
+    _, params, batch, ce_loss, _ = make_problem()
+    key = jax.random.PRNGKey(5)
+    a, info_a = gbc_features(ce_loss, params, batch, key, return_info=True)
+    b, info_b = gbc_features(ce_loss, params, batch, key, chunk_size=4, return_info=True)
+    assert info_a.draws == info_b.draws
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(info_a.importance, info_b.importance, rtol=1e-4)
+
+
+def test_gbc_never_draws_zero_importance_layers():
+    # The "dead" layer's output is multiplied by 0, so its gradient (and A_l) is exactly 0.
+    params = {"live": {"w": jnp.ones((3, 2))}, "dead": {"w": jnp.ones((3, 2))}}
+
+    def loss_fn(p, b):
+        return jnp.sum(b["x"] @ p["live"]["w"], axis=1) ** 2 + 0.0 * jnp.sum(b["x"] @ p["dead"]["w"], axis=1)
+
+    batch = {"x": jax.random.normal(jax.random.PRNGKey(0), (5, 3))}
+    for seed in range(20):
+        _, info = gbc_features(loss_fn, params, batch, jax.random.PRNGKey(seed), num_layers=5, return_info=True)
+        assert info.blocks == ("live",)
+        assert info.probabilities[info.layer_names.index("dead")] == 0.0
+
+
+def test_gbc_bad_inputs():
+    _, params, batch, ce_loss, _ = make_problem()
+    key = jax.random.PRNGKey(0)
+    zero_loss = lambda p, b: 0.0 * ce_loss(p, b)
+    with pytest.raises(ValueError, match="importance"):
+        gbc_features(zero_loss, params, batch, key)
+    with pytest.raises(ValueError, match="num_layers"):
+        gbc_features(ce_loss, params, batch, key, num_layers=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        gbc_features(ce_loss, params, batch, key, chunk_size=-2)
+    with pytest.raises(TypeError, match="key"):
+        gbc_features(ce_loss, params, batch, 3)
+    with pytest.raises(ValueError, match=r"\(B,\)"):
+        gbc_features(lambda p, b: ce_loss(p, b).sum(), params, batch, key)
+    nan_params = jax.tree_util.tree_map(lambda x: x * jnp.nan, params)
+    with pytest.raises(ValueError, match="not finite"):
+        gbc_features(ce_loss, nan_params, batch, key)
+
+
+# ---------------------------------------------------------------------------
+# Snapshot history
+# ---------------------------------------------------------------------------
+
+
+def test_sample_snapshot_epochs():
+    key = jax.random.PRNGKey(0)
+    epochs = sample_snapshot_epochs(20, 7, 4, key)
+    chex.assert_shape(epochs, (4,))
+    assert np.all(np.diff(epochs) > 0) and epochs.min() >= 8 and epochs.max() <= 19
+    np.testing.assert_array_equal(epochs, sample_snapshot_epochs(20, 7, 4, key))
+    draws = {tuple(sample_snapshot_epochs(20, 7, 4, jax.random.PRNGKey(s))) for s in range(10)}
+    assert len(draws) > 1
+    # Every epoch after t* can be drawn (uniform over t*+1..T-1).
+    seen = set(np.concatenate([sample_snapshot_epochs(12, 7, 2, jax.random.PRNGKey(s)) for s in range(40)]))
+    assert seen == {8, 9, 10, 11}
+    np.testing.assert_array_equal(sample_snapshot_epochs(101, 20, 4, key, every=20), [40, 60, 80, 100])
+    np.testing.assert_array_equal(sample_snapshot_epochs([0, 5, 10, 15], 5, 2, key), [10, 15])
+
+
+def test_sample_snapshot_epochs_fallbacks_and_errors():
+    key = jax.random.PRNGKey(0)
+    with pytest.warns(UserWarning, match="only 2"):
+        np.testing.assert_array_equal(sample_snapshot_epochs(10, 7, 5, key), [8, 9])
+    with pytest.warns(UserWarning, match="falling back"):
+        np.testing.assert_array_equal(sample_snapshot_epochs(10, 9, 3, key), [9])
+    with pytest.raises(ValueError, match="best_epoch"):
+        sample_snapshot_epochs(10, 10, 3, key)
+    with pytest.raises(ValueError, match="num_snapshots"):
+        sample_snapshot_epochs(10, 2, 0, key)
+    with pytest.raises(ValueError, match="num_epochs"):
+        sample_snapshot_epochs(0, 0, 1, key)
+
+
+def test_history_features_deterministic_and_ordered():
+    model, params0, batch, _, lf_loss = make_problem()
+    # Ten snapshots: perturbed copies of the parameters, all distinct.
+    snapshots = [
+        jax.tree_util.tree_map(lambda p, t=t: p * (1.0 + 0.1 * t), params0) for t in range(10)
+    ]
+    forward = lambda p, b: model.apply(p, b["x"])
+    rbc_fn = make_rbc_feature_fn(forward, batch)
+    key = jax.random.PRNGKey(3)
+    feats, epochs = history_features(rbc_fn, snapshots, key, best_epoch=4, num_snapshots=3, return_epochs=True)
+    assert np.all(np.diff(epochs) > 0) and epochs.min() > 4
+    h0, _ = model.apply(params0, batch["x"])
+    d = 4 * h0.shape[1]
+    chex.assert_shape(feats, (8, 3 * d))
+    for k, epoch in enumerate(epochs):
+        h, z = model.apply(snapshots[epoch], batch["x"])
+        np.testing.assert_allclose(feats[:, k * d : (k + 1) * d], rbc_features(h, z), rtol=1e-6)
+    again = history_features(rbc_fn, snapshots, key, best_epoch=4, num_snapshots=3)
+    np.testing.assert_array_equal(feats, again)
+    # Chunked forward pass gives the same features.
+    chunked = history_features(make_rbc_feature_fn(forward, batch, chunk_size=4), snapshots, key,
+                               best_epoch=4, num_snapshots=3)
+    np.testing.assert_allclose(chunked, feats, rtol=1e-5, atol=1e-7)
+
+    # GBC through the same door: explicit epochs, block k uses fold_in(base, epoch).
+    gbc_fn = make_gbc_feature_fn(lf_loss, batch, num_layers=2)
+    g = history_features(gbc_fn, dict(enumerate(snapshots)), key, epochs=[8, 2])
+    _, base = jax.random.split(key)
+    expected = jnp.concatenate([gbc_fn(snapshots[e], jax.random.fold_in(base, e)) for e in (2, 8)], axis=1)
+    np.testing.assert_array_equal(g, expected)
+    np.testing.assert_array_equal(g, history_features(gbc_fn, dict(enumerate(snapshots)), key, epochs=[2, 8]))
+
+
+def test_history_features_bad_inputs():
+    fn = lambda p, k: p
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match="epochs"):
+        history_features(fn, [jnp.ones((3, 2))], key, epochs=[1])
+    with pytest.raises(ValueError, match="same examples"):
+        history_features(fn, [jnp.ones((3, 2)), jnp.ones((4, 2))], key)
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        history_features(fn, [jnp.ones(3)], key)
+    with pytest.raises(ValueError, match="both"):
+        history_features(fn, [jnp.ones((3, 2))], key, best_epoch=0)
+    with pytest.raises(TypeError, match="feature_fn"):
+        history_features(None, [jnp.ones((3, 2))], key)
