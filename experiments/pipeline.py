@@ -32,7 +32,8 @@ from experiments import checkpoint, models
 from experiments import noise as noise_lib
 from experiments.datasets import augment_cifar, load_dataset
 
-METHODS = ("base", "random", "certain", "uncertain", "finetune", "craig", "rbc-k", "rbc", "gbc")
+METHODS = ("base", "random", "certain", "uncertain", "finetune", "ta-vaal", "craig", "rbc-k",
+           "rbc", "gbc")
 NOISES = ("none", "uniform", "adversarial", "file")
 
 
@@ -407,6 +408,21 @@ def select(method: str, problem: Problem, model: Model, run: TrainOutcome,
                        cfg.chunk_size)
         return np.asarray(pivotal.craig_selection(feats, count, existing=existing,
                                                   classes=np.argmax(probs, -1), key=key))
+    if method == "ta-vaal":
+        from experiments.ta_vaal import ta_vaal_selection
+
+        h, logits = models.apply_in_chunks(
+            lambda xb: model.features(run.best_params, run.best_model_state, xb),
+            problem.x_train, cfg.chunk_size)
+        existing = np.asarray(existing)
+        meta_losses = np.asarray(optax.softmax_cross_entropy_with_integer_labels(
+            jnp.asarray(logits[existing]), jnp.asarray(problem.y_clean[existing])))
+        pool_losses = None
+        if cfg.label_aware:  # labels are trusted only without label noise
+            pool_losses = np.asarray(optax.softmax_cross_entropy_with_integer_labels(
+                jnp.asarray(logits), jnp.asarray(problem.y_noisy)))
+        return ta_vaal_selection(problem.x_train, h, pool_losses, existing, count, key,
+                                 labelled_losses=meta_losses)
     if method in ("rbc", "rbc-k", "gbc"):
         k_feat, k_sel = jax.random.split(key)
         feats = selection_features(method, problem, model, run, cfg, k_feat)
