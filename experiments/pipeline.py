@@ -56,12 +56,12 @@ class ExperimentConfig:
     epochs: int = 20
     batch_size: int = 256
     lr: float = 0.1
-    momentum: float = 0.0
+    momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
     lr_milestones: tuple = ()  # epochs at which the learning rate is divided by 10
     rule: str = "direct"  # direct | l2rw | mwn
-    weight_lr: float = 3000.0
+    weight_lr: float = 300.0
     weight_init: Any = "uniform"
     meta_batch_size: Optional[int] = None
     augment: bool = False
@@ -71,6 +71,7 @@ class ExperimentConfig:
     exclude_fraction: float = 0.5
     kmeans_iters: int = 200
     finetune_epochs: int = 20
+    ta_vaal_steps: int = 400  # VAE/discriminator steps (the loss ranker gets 3/4 of them)
     chunk_size: int = 512
 
     @property
@@ -97,7 +98,7 @@ class ExperimentConfig:
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {sorted(RULES)}, got {self.rule!r}")
         for name in ("warmup_epochs", "epochs", "batch_size", "num_snapshots", "gbc_layers",
-                     "kmeans_iters", "finetune_epochs", "chunk_size"):
+                     "kmeans_iters", "finetune_epochs", "chunk_size", "ta_vaal_steps"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not 0.0 <= self.exclude_fraction < 1.0:
@@ -422,7 +423,8 @@ def select(method: str, problem: Problem, model: Model, run: TrainOutcome,
             pool_losses = np.asarray(optax.softmax_cross_entropy_with_integer_labels(
                 jnp.asarray(logits), jnp.asarray(problem.y_noisy)))
         return ta_vaal_selection(problem.x_train, h, pool_losses, existing, count, key,
-                                 labelled_losses=meta_losses)
+                                 labelled_losses=meta_losses, steps=cfg.ta_vaal_steps,
+                                 ranker_steps=max(1, 3 * cfg.ta_vaal_steps // 4))
     if method in ("rbc", "rbc-k", "gbc"):
         k_feat, k_sel = jax.random.split(key)
         feats = selection_features(method, problem, model, run, cfg, k_feat)

@@ -28,7 +28,7 @@ PRESETS = {
         1.5,
         ExperimentConfig(dataset="digits", model="mlp", warmup_epochs=3, epochs=3,
                          finetune_epochs=3, batch_size=128, budget=14, warmup=10,
-                         num_snapshots=2, kmeans_iters=20, weight_lr=300.0),
+                         num_snapshots=2, kmeans_iters=20, weight_lr=300.0, ta_vaal_steps=50),
     ),
 }
 
