@@ -71,6 +71,16 @@ class MLP(nn.Module):
         return (h, logits) if return_features else logits
 
 
+def _max_pool_2x2(x: Array) -> Array:
+    """2x2/2 max-pooling of ``(B, H, W, C)`` (H, W even) as a reshape and a max.
+
+    Same values as ``nn.max_pool(x, (2, 2), strides=(2, 2))``, but its gradient is several
+    times cheaper on XLA:CPU than the reduce-window backward (measured in the benchmarks).
+    """
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class LeNet5(nn.Module):
     """LeNet-5 as in the paper: conv 6@5x5, pool, conv 16@5x5, pool, fc 256-120-84-C.
 
@@ -88,9 +98,9 @@ class LeNet5(nn.Module):
         if x.ndim == 3:
             x = x[..., None]
         x = nn.Conv(6, (5, 5), padding="VALID", name="conv1")(x)
-        x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+        x = _max_pool_2x2(nn.relu(x))
         x = nn.Conv(16, (5, 5), padding="VALID", name="conv2")(x)
-        x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+        x = _max_pool_2x2(nn.relu(x))
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(120, name="fc1")(x))
         h = nn.relu(nn.Dense(84, name="fc2")(x))

@@ -1,5 +1,6 @@
 """Flax models: shapes, the paper's architectures, the head convention, BatchNorm state."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -234,3 +235,10 @@ def test_apply_in_chunks_matches_one_call_and_compiles_once():
         apply_in_chunks(fn, x, chunk_size=0)
     with pytest.raises(TypeError, match="chunk_size"):
         apply_in_chunks(fn, x, chunk_size=2.5)
+
+
+def test_lenet_pooling_equals_flax_max_pool():
+    from experiments.models import _max_pool_2x2
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 24, 24, 6))
+    np.testing.assert_array_equal(_max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
