@@ -47,3 +47,6 @@ from pivotal.features import (
     rbc_features,
     sample_snapshot_epochs,
 )
+from pivotal.kmeans import KMeansResult, assign_clusters, weighted_spherical_kmeans
+from pivotal.selection import select_meta_samples
+from pivotal.diagnostics import mco_objective, msso_objective, stable_examples, theorem1_ratio

@@ -1,0 +1,707 @@
+"""Weighted spherical K-means (paper Algorithm 1, Eq. S1-S2).
+
+The paper approximates its meta-sample search objective by the M-clustering objective (Eq. 9-10)
+
+    MCO = max_C  sum_j sum_i |<G_j, C_i>| = max_C sum_j ||G_j|| sum_i ||C_i|| |cos(G_j, C_i)|,
+
+and solves it with a K-means variant whose similarity is the centroid-norm-weighted absolute cosine
+(Eq. S1) and whose update is the norm-weighted mean of the sign-aligned members (Eq. S2):
+
+    assignment:  a_j = argmax_i ||C_i|| |cos(G_j, C_i)|   (= argmax_i |<G_j, C_i>|)
+    update:      C_i = sum_{j: a_j = i} s_j G_j / sum_{j: a_j = i} ||G_j||,
+                 s_j = sign(<G_j, C_i>)  (+1 where the inner product is exactly 0).
+
+Because the similarity uses |cos|, G and -G are the same point; without the sign s_j two members of
+opposite sign would cancel in the update (the paper's S2 omits s_j: all-positive RBC features never
+meet the problem, GBC features do). With ``weighted=False`` (the RBC-K ablation) the assignment is
+``argmax_i |cos(G_j, C_i)|`` and the centroid is the mean of the sign-aligned unit vectors.
+
+Zero rows (``||G_j|| = 0``) carry no weight anywhere: they add nothing to any centroid, do not count
+as members when deciding whether a cluster is empty, and add 0 to the objective. Their assignment is
+the argmax of an all-zero row, i.e. cluster 0.
+
+Memory: every pass over the data walks row blocks of ``block_size`` rows, so besides the data and a
+few length-N vectors only O(block_size x M + M x D) is live; no N x M x D (or N x M) array is built.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "KMeansResult",
+    "weighted_spherical_kmeans",
+    "assign_clusters",
+    "cluster_centroids",
+    "DEFAULT_BLOCK_SIZE",
+]
+
+DEFAULT_BLOCK_SIZE = 2048
+# k-means++ seeding reads its input once per seed; drawing from a uniform subsample of this many rows
+# per cluster (at least _SEED_MIN_POINTS) keeps it a small fraction of the Lloyd iterations.
+_SEED_POINTS_PER_CLUSTER = 64
+_SEED_MIN_POINTS = 4096
+
+
+class KMeansResult(NamedTuple):
+    """Output of :func:`weighted_spherical_kmeans`.
+
+    Attributes:
+      centroids: ``(M, D)`` cluster centroids; every cluster has at least one nonzero member.
+      assignments: ``(N,)`` int32, ``assignments[j]`` is the cluster of row j under the returned
+        centroids (S1 argmax, or |cos| argmax when ``weighted=False``).
+      objective: scalar, ``sum_j |<G_j, C_{a_j}>|`` for the returned centroids and assignments.
+      num_iters: scalar int32, assignment steps run by the final (accepted) restart.
+    """
+
+    centroids: jax.Array
+    assignments: jax.Array
+    objective: jax.Array
+    num_iters: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_tracer(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _as_features(G, name: str, *, check_finite: bool = True) -> jax.Array:
+    """Checks that ``G`` is a 2-D floating array of finite values and returns it as a jax array."""
+    if not hasattr(G, "shape") or not hasattr(G, "dtype"):
+        try:
+            G = np.asarray(G)
+        except Exception as exc:  # pragma: no cover - exotic inputs
+            raise TypeError(f"{name} must be an array, got {type(G).__name__}") from exc
+    if G.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (N, D), got shape {tuple(G.shape)}")
+    if not jnp.issubdtype(G.dtype, jnp.floating):
+        raise TypeError(f"{name} must have a floating dtype, got {G.dtype}")
+    if G.shape[0] < 1 or G.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(G.shape)}")
+    G = jnp.asarray(G)
+    if check_finite and not _is_tracer(G) and not bool(_all_finite(G)):
+        raise ValueError(f"{name} contains NaN or inf values")
+    return G
+
+
+# Jitted so the elementwise test fuses into the reduction: no N x D temporary.
+_all_finite = jax.jit(lambda x: jnp.all(jnp.isfinite(x)))
+_any_nonzero = jax.jit(lambda x: jnp.any(x != 0))
+
+
+def _as_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def _check_key(key) -> None:
+    dtype = getattr(key, "dtype", None)
+    if dtype is None:
+        raise TypeError(f"key must be a jax.random key, got {type(key).__name__}")
+    shape = getattr(key, "shape", None)
+    typed = jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()
+    raw = dtype == jnp.uint32 and shape == (2,)
+    if not (typed or raw):
+        raise TypeError(f"key must be a single jax.random key (jax.random.key or PRNGKey), got {dtype} "
+                        f"with shape {shape}")
+
+
+def _check_block_size(block_size) -> int:
+    block_size = _as_int(block_size, "block_size")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    return block_size
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocked row passes
+# ----------------------------------------------------------------------------------------------
+
+
+def _num_blocks(n: int, block: int) -> int:
+    return -(-n // block)
+
+
+def _block_start(b, n: int, block: int):
+    # The last block is shifted back so that every block has exactly `block` rows (static shape,
+    # no padded copy of the data); rows it shares with the previous block are recomputed.
+    return jnp.minimum(b * block, n - block)
+
+
+def _blocked_rows(fn: Callable, G: jax.Array, row_args: tuple, block: int):
+    """Applies ``fn(G_b, *row_args_b) -> pytree of (B, ...)`` to row blocks, returns ``(N, ...)``.
+
+    ``row_args`` are arrays with leading axis N, sliced alongside ``G``. Overlapping rows of the last
+    block are written twice with identical values, so ``fn`` must be row-wise.
+    """
+    n = G.shape[0]
+    block = min(block, n)
+    out_struct = jax.eval_shape(
+        fn,
+        jax.ShapeDtypeStruct((block,) + G.shape[1:], G.dtype),
+        *[jax.ShapeDtypeStruct((block,) + a.shape[1:], a.dtype) for a in row_args],
+    )
+    init = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype), out_struct)
+
+    def body(b, out):
+        start = _block_start(b, n, block)
+        Gb = jax.lax.dynamic_slice_in_dim(G, start, block)
+        args_b = [jax.lax.dynamic_slice_in_dim(a, start, block) for a in row_args]
+        res = fn(Gb, *args_b)
+        return jax.tree.map(lambda o, r: jax.lax.dynamic_update_slice_in_dim(o, r, start, 0), out, res)
+
+    return jax.lax.fori_loop(0, _num_blocks(n, block), body, init)
+
+
+def _blocked_cluster_sums(G: jax.Array, assignments: jax.Array, scale: jax.Array, num_clusters: int,
+                          block: int) -> jax.Array:
+    """``(M, D)`` sums ``S_i = sum_{j: a_j = i} scale_j G_j``, one ``(M, B) x (B, D)`` product per block.
+
+    The one-hot weights are built per block, so nothing of size N x M is materialised.
+    """
+    n = G.shape[0]
+    block = min(block, n)
+
+    def body(b, acc):
+        start = _block_start(b, n, block)
+        Gb = jax.lax.dynamic_slice_in_dim(G, start, block)
+        ab = jax.lax.dynamic_slice_in_dim(assignments, start, block)
+        sb = jax.lax.dynamic_slice_in_dim(scale, start, block)
+        # Rows already covered by the previous block must not be counted twice.
+        fresh = (start + jnp.arange(block)) >= b * block
+        W = jax.nn.one_hot(ab, num_clusters, dtype=G.dtype) * jnp.where(fresh, sb, 0)[:, None]
+        return acc + W.T @ Gb
+
+    init = jnp.zeros((num_clusters, G.shape[1]), G.dtype)
+    return jax.lax.fori_loop(0, _num_blocks(n, block), body, init)
+
+
+@jax.jit
+def _row_norms(G: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.sum(jnp.square(G), axis=1))
+
+
+def _search_directions(C: jax.Array, weighted: bool) -> jax.Array:
+    """Directions whose |inner product| with G_j is maximised by the assignment step, ``(M, D)``.
+
+    S1 is ``||C_i|| |cos(G_j, C_i)| = |<G_j, C_i>| / ||G_j||``; ``||G_j||`` does not depend on i,
+    so the weighted argmax is that of ``|<G_j, C_i>|``. Unweighted, the centroids are normalised
+    first (a zero centroid stays zero and never wins).
+    """
+    if weighted:
+        return C
+    norms = _row_norms(C)
+    return C / jnp.where(norms > 0, norms, 1)[:, None]
+
+
+def _assign_block(Gb, directions):
+    """Assignment of one block: ``(a (B,) int32, d (B,) = <G_j, dir_{a_j}>)``."""
+    dots = Gb @ directions.T  # (B, M)
+    a = jnp.argmax(jnp.abs(dots), axis=1).astype(jnp.int32)
+    d = jnp.take_along_axis(dots, a[:, None], axis=1)[:, 0]
+    return a, d
+
+
+# ----------------------------------------------------------------------------------------------
+# Public helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("weighted", "block_size"))
+def _assign_clusters(G, centroids, *, weighted, block_size):
+    directions = _search_directions(centroids, weighted)
+    norms = _row_norms(G)
+
+    def fn(Gb, nb):
+        a, d = _assign_block(Gb, directions)
+        # |<G_j, dir_i>| / ||G_j|| is S1 for dir = C (weighted) and |cos| for dir = C / ||C||;
+        # zero rows have similarity 0.
+        return a, jnp.abs(d) / jnp.where(nb > 0, nb, 1)
+
+    return _blocked_rows(fn, G, (norms,), block_size)
+
+
+def assign_clusters(G, centroids, *, weighted: bool = True, block_size: int = DEFAULT_BLOCK_SIZE):
+    """Nearest centroid of every row under the (weighted) absolute-cosine similarity.
+
+    Args:
+      G: ``(N, D)`` float features.
+      centroids: ``(M, D)`` float centroids (any vectors: cluster centroids or meta-sample features).
+      weighted: ``True`` for S1, ``sim_ji = ||C_i|| |cos(G_j, C_i)|``; ``False`` for ``|cos(G_j, C_i)|``.
+      block_size: rows per block; memory is ``O(block_size x M)`` besides the inputs.
+
+    Returns:
+      ``(assignments (N,) int32, similarity (N,))`` with ``assignments[j] = argmax_i sim_ji``
+      (lowest index on ties) and ``similarity[j] = max_i sim_ji``. Zero rows get cluster 0 and
+      similarity 0; zero centroids have similarity 0 to everything.
+    """
+    G = _as_features(G, "G")
+    centroids = _as_features(centroids, "centroids")
+    if centroids.shape[1] != G.shape[1]:
+        raise ValueError(
+            f"centroids must have the same number of columns as G ({G.shape[1]}), "
+            f"got shape {tuple(centroids.shape)}"
+        )
+    block_size = _check_block_size(block_size)
+    dtype = jnp.result_type(G.dtype, centroids.dtype)
+    return _assign_clusters(G.astype(dtype), centroids.astype(dtype), weighted=bool(weighted),
+                            block_size=block_size)
+
+
+def _member_weights(norms, signs, weighted: bool):
+    """Per-row ``(scale (N,), mass (N,))``: row j adds ``scale_j G_j`` and ``mass_j`` to its cluster."""
+    nonzero = norms > 0
+    if weighted:
+        return jnp.where(nonzero, signs, 0), norms
+    return jnp.where(nonzero, signs / jnp.where(nonzero, norms, 1), 0), nonzero.astype(norms.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("num_clusters", "weighted", "block_size"))
+def _cluster_centroids(G, assignments, reference, *, num_clusters, weighted, block_size):
+    norms = _row_norms(G)
+    if reference is None:
+        signs = jnp.ones_like(norms)
+    else:
+        def fn(Gb, ab):
+            d = jnp.sum(Gb * reference[ab], axis=1)
+            return jnp.where(d < 0, -1, 1).astype(G.dtype)
+
+        signs = _blocked_rows(fn, G, (assignments,), block_size)
+    scale, mass = _member_weights(norms, signs, weighted)
+    num = _blocked_cluster_sums(G, assignments, scale, num_clusters, block_size)
+    den = jax.ops.segment_sum(mass, assignments, num_clusters)
+    return num / jnp.where(den > 0, den, 1)[:, None]
+
+
+def cluster_centroids(G, assignments, num_clusters: int, *, reference=None, weighted: bool = True,
+                      block_size: int = DEFAULT_BLOCK_SIZE):
+    """Centroids of given clusters by the (sign-aligned) S2 update.
+
+    ``C_i = sum_{j: a_j = i} s_j G_j / sum_{j: a_j = i} ||G_j||`` (``weighted=True``) or
+    ``C_i = mean_{j: a_j = i, G_j != 0} s_j G_j / ||G_j||`` (``weighted=False``), where
+    ``s_j = sign(<G_j, reference_{a_j}>)`` (+1 on 0) and ``s_j = 1`` when ``reference is None``
+    (the paper's literal S2). Empty clusters get a zero centroid.
+
+    Useful to carry clusters found in one feature space into another one (e.g. the label-aware
+    counterpart of label-free clusters, see :func:`pivotal.diagnostics.stable_examples`).
+
+    Args:
+      G: ``(N, D)`` features.
+      assignments: ``(N,)`` integer cluster ids in ``[0, num_clusters)``.
+      num_clusters: M.
+      reference: optional ``(M, D)`` directions fixing each member's sign.
+      weighted, block_size: as in :func:`weighted_spherical_kmeans`.
+
+    Returns:
+      ``(M, D)`` centroids.
+    """
+    G = _as_features(G, "G")
+    num_clusters = _as_int(num_clusters, "num_clusters")
+    if num_clusters < 1:
+        raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
+    assignments = _as_assignments(assignments, G.shape[0], num_clusters)
+    if reference is not None:
+        reference = _as_features(reference, "reference")
+        if reference.shape != (num_clusters, G.shape[1]):
+            raise ValueError(
+                f"reference must have shape ({num_clusters}, {G.shape[1]}), got {tuple(reference.shape)}"
+            )
+        reference = reference.astype(G.dtype)
+    block_size = _check_block_size(block_size)
+    return _cluster_centroids(G, assignments, reference, num_clusters=num_clusters,
+                              weighted=bool(weighted), block_size=block_size)
+
+
+def _as_assignments(assignments, n: int, num_clusters: int) -> jax.Array:
+    if not hasattr(assignments, "dtype"):
+        assignments = np.asarray(assignments)
+    if assignments.shape != (n,):
+        raise ValueError(f"assignments must have shape ({n},), got {tuple(assignments.shape)}")
+    if not jnp.issubdtype(assignments.dtype, jnp.integer):
+        raise TypeError(f"assignments must have an integer dtype, got {assignments.dtype}")
+    assignments = jnp.asarray(assignments, jnp.int32)
+    if not _is_tracer(assignments):
+        lo, hi = int(assignments.min()), int(assignments.max())
+        if lo < 0 or hi >= num_clusters:
+            raise ValueError(f"assignments must lie in [0, {num_clusters}), got values in [{lo}, {hi}]")
+    return assignments
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeding
+# ----------------------------------------------------------------------------------------------
+
+
+def _draw(uniforms, weights):
+    """Indices drawn with probability proportional to ``weights`` (>= 0), one per U[0, 1) entry."""
+    cdf = jnp.cumsum(weights)
+    u = uniforms.astype(weights.dtype) * cdf[-1]
+    # The count of cdf entries <= u is searchsorted(side="right"): it never lands on a
+    # zero-weight row (its cdf step is flat). A dense compare compiles faster than a search.
+    idx = jnp.sum(cdf[None, :] <= u[:, None], axis=1)
+    return jnp.minimum(idx, weights.shape[0] - 1)
+
+
+def _seed_centroids(G, norms, key, num_seeds, *, capacity: int, weighted: bool, sample_size: int):
+    """Greedy k-means++ in the sign-invariant (weighted) cosine geometry; seeds ``(capacity, D)``.
+
+    The squared distance of G_j to the line through a unit seed u is ``||G_j||^2 (1 - cos^2)``.
+    Candidates are drawn with probability proportional to ``w_j min_u (1 - cos^2(G_j, u))`` with
+    ``w_j = ||G_j||^2`` (weighted) or ``1[G_j != 0]`` (unweighted); as in scikit-learn's greedy
+    k-means++, ``2 + ln M`` candidates are drawn per seed and the one that lowers the potential
+    ``sum_j w_j min_u (1 - cos^2)`` most is kept (robust against a single unlucky draw). The first
+    seed is drawn proportional to ``w_j``. Everything runs on a uniform subsample of
+    ``sample_size`` rows. Seeds are unit vectors, the scale of a one-member S2 centroid. When no
+    row is left off the chosen lines, the remaining seeds are zero vectors: they never win an
+    assignment, so the empty-cluster restart drops them. Rows ``num_seeds..capacity-1``
+    (``num_seeds`` may be traced) are zero as well.
+    """
+    n = G.shape[0]
+    trials = 2 + int(math.log(capacity))
+    # All randomness from one draw: each jax.random call compiles its own copy of the PRNG.
+    shuffle = n if sample_size < n else 0
+    u = jax.random.uniform(key, (shuffle + capacity * trials,), jnp.float32)
+    draws = u[shuffle:].reshape(capacity, trials)
+    if sample_size < n:
+        rows = jnp.sort(jnp.argsort(u[:n])[:sample_size])
+        X, xn = G[rows], norms[rows]
+    else:
+        X, xn = G, norms
+    nonzero = xn > 0
+    w = jnp.where(nonzero, jnp.square(xn) if weighted else 1, 0).astype(G.dtype)
+    safe = jnp.where(nonzero, xn, 1)
+    # Below this sin^2 a row counts as lying on a chosen line (float noise of cos(G, G) ~ 1).
+    same_line = 64 * jnp.finfo(G.dtype).eps
+
+    def sin2(U):  # (S, L) squared sines between sample rows and unit directions U (L, D)
+        d = 1 - jnp.square((X @ U.T) / safe[:, None])
+        return jnp.where(d > same_line, d, 0)
+
+    first = _draw(draws[0, :1], w)[0]
+    u0 = X[first] / safe[first]
+    seeds = jnp.zeros((capacity, G.shape[1]), G.dtype).at[0].set(jnp.where(num_seeds > 0, u0, 0))
+    dist = sin2(u0[None])[:, 0]
+
+    def body(i, carry):
+        seeds, dist = carry
+        probs = w * dist
+        cand = _draw(draws[i], probs)
+        U = X[cand] / safe[cand][:, None]
+        new_dist = jnp.minimum(dist[:, None], sin2(U))  # (S, L)
+        best = jnp.argmin(w @ new_dist)
+        keep = (jnp.sum(probs) > 0) & (i < num_seeds)
+        seeds = seeds.at[i].set(jnp.where(keep, U[best], 0))
+        return seeds, jnp.where(keep, new_dist[:, best], dist)
+
+    seeds, _ = jax.lax.fori_loop(1, capacity, body, (seeds, dist))
+    return seeds
+
+
+# ----------------------------------------------------------------------------------------------
+# Lloyd iterations
+# ----------------------------------------------------------------------------------------------
+
+
+class _LoopState(NamedTuple):
+    centroids: jax.Array  # (M, D) centroids used by the latest assignment
+    num: jax.Array  # (M, D) sum_{j in i} scale_j G_j for (assign, signs)
+    den: jax.Array  # (M,) sum_{j in i} mass_j
+    count: jax.Array  # (M,) int32 nonzero members
+    assign: jax.Array  # (N,) int32, -1 before the first step
+    signs: jax.Array  # (N,)
+    num_changed: jax.Array  # rows whose (cluster, sign) changed in the latest step
+    objective: jax.Array
+    it: jax.Array
+    done: jax.Array
+
+
+def _sparse_tiers(n: int, block: int) -> tuple[int, ...]:
+    """Static sizes of the changed-row buffers of the incremental update (smallest that fits wins).
+
+    Capped at two blocks so the gathered rows never cost more memory than the blocked passes.
+    """
+    cap = max(1, 2 * min(block, n))
+    # Small problems get one tier: the saving is negligible there, the compile time is not.
+    divisors = (256, 32, 8) if n >= 16384 else (8,)
+    return tuple(sorted({min(cap, max(1, n // k)) for k in divisors}))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("capacity", "weighted", "block_size", "sparse_tiers", "seed_sample")
+)
+def _kmeans_single(G, key, num_clusters, max_iters, tol, init=None, *, capacity, weighted, block_size,
+                   sparse_tiers, seed_sample):
+    """One run of Algorithm 1; returns ``(centroids, assignments, objective, iters, member_counts)``.
+
+    Shapes are those of ``capacity`` clusters, of which the first ``num_clusters`` (traced) are
+    used: the others have zero centroids, which never win an assignment. The empty-cluster
+    restarts therefore reuse one compiled program. ``init`` ``(capacity, D)``, when given, replaces
+    the k-means++ seeds.
+
+    Each step is one blocked pass computing ``G_b C^T`` and the assignments. The S2 sums are kept
+    between steps and updated from the rows whose (cluster, sign) changed: a gather of those rows
+    and an ``(M, K) x (K, D)`` product. While many rows still move (the first few steps) the sums
+    are instead rebuilt inside the same pass, one ``(M, B) x (B, D)`` product per block, so the data
+    is read once per step either way.
+    """
+    n, dim = G.shape
+    m = capacity
+    dtype = G.dtype
+    block = min(block_size, n)
+    norms = _row_norms(G)
+    nonzero = norms > 0
+    nonzero_i = nonzero.astype(jnp.int32)
+    if init is None:
+        seeds = _seed_centroids(G, norms, key, num_clusters, capacity=m, weighted=weighted,
+                                sample_size=seed_sample)
+    else:
+        seeds = jnp.where((jnp.arange(m) < num_clusters)[:, None], init.astype(dtype), 0)
+    # Above this many moved rows, rebuilding the sums is cheaper than patching them.
+    rebuild_above = sparse_tiers[-1]
+
+    def step_pass(C, rebuild: bool):
+        """Assignments under C; with ``rebuild`` also the S2 numerator of those assignments."""
+        directions = _search_directions(C, weighted)
+        # |<G_j, C_i>| = |<G_j, C_i / ||C_i||>| ||C_i|| when the search directions are normalised.
+        obj_scale = jnp.ones((m,), dtype) if weighted else _row_norms(C)
+
+        def body(b, carry):
+            a_all, s_all, obj, num = carry
+            start = _block_start(b, n, block)
+            Gb = jax.lax.dynamic_slice_in_dim(G, start, block)
+            a, d = _assign_block(Gb, directions)
+            s = jnp.where(d < 0, -1, 1).astype(dtype)
+            # Rows already covered by the previous block must not be counted twice.
+            fresh = (start + jnp.arange(block)) >= b * block
+            obj = obj + jnp.sum(jnp.where(fresh, jnp.abs(d) * obj_scale[a], 0))
+            if rebuild:
+                scale, _ = _member_weights(jax.lax.dynamic_slice_in_dim(norms, start, block), s, weighted)
+                W = jax.nn.one_hot(a, m, dtype=dtype) * jnp.where(fresh, scale, 0)[:, None]
+                num = num + W.T @ Gb
+            a_all = jax.lax.dynamic_update_slice_in_dim(a_all, a, start, 0)
+            s_all = jax.lax.dynamic_update_slice_in_dim(s_all, s, start, 0)
+            return a_all, s_all, obj, num
+
+        init = (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), dtype), jnp.zeros((), dtype),
+                jnp.zeros((m, dim), dtype))
+        return jax.lax.fori_loop(0, _num_blocks(n, block), body, init)
+
+    def rebuild_den_count(a, s):
+        _, mass = _member_weights(norms, s, weighted)
+        return jax.ops.segment_sum(mass, a, m), jax.ops.segment_sum(nonzero_i, a, m)
+
+    def make_patch(size):
+        def patch(a, s, a_old, s_old, num, den, count):
+            # Only rows whose (cluster, sign) changed move mass: subtract their old contribution
+            # and add the new one.
+            changed = (a != a_old) | (s != s_old)
+            # Compact the changed rows' indices into `size` slots (a cumsum and a scatter; cheaper
+            # to compile than jnp.nonzero). Unused slots point at row 0 and are masked by `valid`.
+            slot = jnp.where(changed, jnp.cumsum(changed) - 1, size)
+            idx = jnp.zeros((size,), jnp.int32).at[slot].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+            valid = (jnp.arange(size) < jnp.sum(changed)).astype(dtype)
+            scale_new, mass = _member_weights(norms[idx], s[idx], weighted)
+            scale_old, _ = _member_weights(norms[idx], s_old[idx], weighted)
+            # one_hot(-1) is all zeros: rows never assigned before remove nothing.
+            oh_new = jax.nn.one_hot(a[idx], m, dtype=dtype) * valid[:, None]
+            oh_old = jax.nn.one_hot(a_old[idx], m, dtype=dtype) * valid[:, None]
+            W = oh_new * scale_new[:, None] - oh_old * scale_old[:, None]
+            num = num + W.T @ G[idx]
+            den = den + (oh_new - oh_old).T @ mass
+            count = count + jnp.round((oh_new - oh_old).T @ nonzero[idx].astype(dtype)).astype(jnp.int32)
+            # Clear the float residue of clusters that just emptied, so they read as exactly empty.
+            num = jnp.where((count > 0)[:, None], num, 0)
+            den = jnp.where(count > 0, den, 0)
+            return num, den, count
+
+        return patch
+
+    def rebuild_sums(a, s, a_old, s_old, num, den, count):
+        del a_old, s_old, num, den, count
+        scale, _ = _member_weights(norms, s, weighted)
+        return (_blocked_cluster_sums(G, a, scale, m, block),) + rebuild_den_count(a, s)
+
+    def keep_sums(a, s, a_old, s_old, num, den, count):
+        del a, s, a_old, s_old
+        return num, den, count
+
+    patches = tuple(make_patch(c) for c in sparse_tiers)
+
+    def rebuild_step(st: _LoopState, C):
+        a, s, obj, num = step_pass(C, rebuild=True)
+        den, count = rebuild_den_count(a, s)
+        return a, s, obj, num, den, count
+
+    def patch_step(st: _LoopState, C):
+        a, s, obj, _ = step_pass(C, rebuild=False)
+        num_changed = jnp.sum((a != st.assign) | (s != st.signs), dtype=jnp.int32)
+        tier = jnp.searchsorted(jnp.asarray(sparse_tiers, jnp.int32), num_changed).astype(jnp.int32)
+        # Branch 0 keeps the sums (nothing moved), then the tiers, then a full rebuild.
+        branch = jnp.where(num_changed == 0, 0, 1 + tier).astype(jnp.int32)
+        num, den, count = jax.lax.switch(
+            branch, (keep_sums,) + patches + (rebuild_sums,), a, s, st.assign, st.signs, st.num,
+            st.den, st.count
+        )
+        return a, s, obj, num, den, count
+
+    def cond(st: _LoopState):
+        return (st.it < max_iters) & ~st.done
+
+    def body(st: _LoopState):
+        # Empty clusters keep their previous centroid (they may win members back later).
+        C = jnp.where((st.count > 0)[:, None], st.num / jnp.where(st.den > 0, st.den, 1)[:, None],
+                      st.centroids)
+        # Whether the sums are rebuilt in the pass is predicted from the previous step's movement.
+        a, s, obj, num, den, count = jax.lax.cond(
+            st.num_changed > rebuild_above, rebuild_step, patch_step, st, C
+        )
+        unchanged = jnp.all(a == st.assign)
+        stalled = jnp.abs(obj - st.objective) <= tol * jnp.abs(obj)
+        done = unchanged | (stalled & (st.it > 0))
+        num_changed = jnp.sum((a != st.assign) | (s != st.signs), dtype=jnp.int32)
+        return _LoopState(C, num, den, count, a, s, num_changed, obj, st.it + 1, done)
+
+    init = _LoopState(
+        centroids=seeds,
+        num=jnp.zeros((m, dim), dtype),
+        den=jnp.zeros((m,), dtype),
+        count=jnp.zeros((m,), jnp.int32),
+        assign=jnp.full((n,), -1, jnp.int32),
+        signs=jnp.zeros((n,), dtype),
+        num_changed=jnp.asarray(n, jnp.int32),
+        objective=jnp.zeros((), dtype),
+        it=jnp.zeros((), jnp.int32),
+        done=jnp.zeros((), bool),
+    )
+    st = jax.lax.while_loop(cond, body, init)
+    members = jax.ops.segment_sum(nonzero_i, st.assign, m)
+    return st.centroids, st.assign, st.objective, st.it, members
+
+
+def _static_config(n: int, capacity: int, weighted: bool, block_size: int, seed_sample_size=None) -> dict:
+    """The static arguments of ``_kmeans_single`` that :func:`weighted_spherical_kmeans` uses."""
+    sample = seed_sample_size or max(_SEED_MIN_POINTS, _SEED_POINTS_PER_CLUSTER * capacity)
+    return dict(capacity=capacity, weighted=bool(weighted), block_size=min(block_size, n),
+                sparse_tiers=_sparse_tiers(n, block_size), seed_sample=min(n, max(sample, capacity)))
+
+
+def weighted_spherical_kmeans(
+    G,
+    num_clusters: int,
+    key,
+    *,
+    max_iters: int = 200,
+    tol: float = 1e-4,
+    weighted: bool = True,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    seed_sample_size: int | None = None,
+    init=None,
+    cluster_capacity: int | None = None,
+) -> KMeansResult:
+    """Weighted spherical K-means, paper Algorithm 1, with the empty-cluster restarts of Alg. 2.
+
+    Maximises ``sum_j ||G_j|| ||C_{a_j}|| |cos(G_j, C_{a_j})| = sum_j |<G_j, C_{a_j}>|`` by
+    alternating
+
+    * assignment (S1): ``a_j = argmax_i ||C_i|| |cos(G_j, C_i)|`` (``weighted=False``:
+      ``argmax_i |cos(G_j, C_i)|``), lowest index on ties;
+    * update (S2, sign-aligned): ``C_i = sum_{j in i} s_j G_j / sum_{j in i} ||G_j||`` with
+      ``s_j = sign(<G_j, C_i>)`` (``weighted=False``: ``C_i = mean_{j in i} s_j G_j / ||G_j||``).
+
+    Seeds come from k-means++ in the same sign-invariant geometry (see ``_seed_centroids``). The
+    loop stops when no assignment changes, when the objective changes by at most ``tol`` relative,
+    or after ``max_iters`` assignment steps; it runs in one ``lax.while_loop`` under ``jit``,
+    compiled once per (N, D, M, dtype, options). A cluster that loses all its members keeps its
+    centroid and may win members back. If ``M_empty`` clusters are still empty at the end, the
+    whole run restarts with ``M - M_empty`` clusters (fresh key) until none is empty, so the result
+    may have fewer than ``num_clusters`` centroids.
+
+    Zero rows carry no weight: they never make a cluster non-empty and add 0 to every sum.
+
+    Args:
+      G: ``(N, D)`` finite float features (float32 or float64; computation stays in that dtype).
+      num_clusters: M, ``1 <= M <= N``.
+      key: a ``jax.random`` key; same inputs and key give the same result.
+      max_iters: maximum number of assignment steps per run.
+      tol: relative objective change below which the run stops (0 disables the test).
+      weighted: S1/S2 (True) or the unweighted RBC-K ablation (False).
+      block_size: rows per block of every pass over the data.
+      seed_sample_size: rows of the uniform subsample k-means++ draws from; default
+        ``min(N, max(4096, 64 M))``.
+      init: optional ``(M, D)`` initial centroids replacing the k-means++ seeds (a warm start). A
+        restart after empty clusters then starts from the initial centroids of the clusters that
+        were non-empty.
+      cluster_capacity: compile for this many clusters (``>= num_clusters``; default
+        ``num_clusters``), the surplus held at zero. Calls with different ``num_clusters`` but the
+        same capacity share one compiled program; the result depends on the capacity only through
+        the seeding's random draws.
+
+    Returns:
+      :class:`KMeansResult`; its ``assignments`` and ``objective`` are those of the returned
+      ``centroids``.
+    """
+    G = _as_features(G, "G")
+    n = G.shape[0]
+    num_clusters = _as_int(num_clusters, "num_clusters")
+    if not 1 <= num_clusters <= n:
+        raise ValueError(f"num_clusters must satisfy 1 <= num_clusters <= N = {n}, got {num_clusters}")
+    max_iters = _as_int(max_iters, "max_iters")
+    if max_iters < 1:
+        raise ValueError(f"max_iters must be >= 1, got {max_iters}")
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (tol >= 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    block_size = _check_block_size(block_size)
+    if seed_sample_size is not None:
+        seed_sample_size = _as_int(seed_sample_size, "seed_sample_size")
+        if seed_sample_size < 1:
+            raise ValueError(f"seed_sample_size must be >= 1, got {seed_sample_size}")
+    _check_key(key)
+    if init is not None:
+        init = _as_features(init, "init")
+        if init.shape != (num_clusters, G.shape[1]):
+            raise ValueError(f"init must have shape ({num_clusters}, {G.shape[1]}), got {tuple(init.shape)}")
+        init = init.astype(G.dtype)
+    if cluster_capacity is None:
+        capacity = num_clusters
+    else:
+        capacity = _as_int(cluster_capacity, "cluster_capacity")
+        if capacity < num_clusters:
+            raise ValueError(f"cluster_capacity must be >= num_clusters ({num_clusters}), got {capacity}")
+    if not bool(_any_nonzero(G)):
+        raise ValueError("G must have at least one nonzero row")
+
+    static = _static_config(n, capacity, weighted, block_size, seed_sample_size)
+    if init is not None and capacity > num_clusters:
+        init = jnp.concatenate([init, jnp.zeros((capacity - num_clusters, G.shape[1]), G.dtype)])
+    m = num_clusters
+    attempt = 0
+    while True:
+        run_key = key if attempt == 0 else jax.random.fold_in(key, attempt)
+        centroids, assignments, objective, iters, members = _kmeans_single(
+            G, run_key, jnp.asarray(m, jnp.int32), jnp.asarray(max_iters, jnp.int32),
+            jnp.asarray(tol, G.dtype), init, **static
+        )
+        empty = np.asarray(members[:m]) == 0
+        if not empty.any():
+            if m < capacity:
+                centroids = centroids[:m]
+            return KMeansResult(centroids, assignments, objective, iters)
+        # Paper appendix: restart with M - M_empty clusters until none is empty. Every nonzero
+        # row lands in some cluster, so m stays >= 1.
+        if init is not None:
+            kept = init[:m][~empty]
+            init = jnp.zeros_like(init).at[: kept.shape[0]].set(kept)
+        m -= int(empty.sum())
+        attempt += 1
