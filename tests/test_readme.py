@@ -23,3 +23,8 @@ def test_readme_python_snippets_run():
     # Meta re-weighting learned to down-weight the flipped labels (measured: 0.82 vs 0.18).
     assert float(weights[clean].mean()) > float(weights[~clean].mean()) + 0.3
     assert bool(namespace["metrics"]["finite"])
+    for name in ("picked", "picked_gbc"):
+        picked = set(map(int, namespace[name]))
+        assert 0 < len(picked) <= 8 and not picked & set(range(4))
+    assert namespace["G_hist"].shape == (256, 2 * 3 * 32)
+    assert namespace["result"].centroids.shape == (8, 2 * 3 * 32)
