@@ -50,3 +50,5 @@ from pivotal.features import (
 from pivotal.kmeans import KMeansResult, assign_clusters, weighted_spherical_kmeans
 from pivotal.selection import select_meta_samples
 from pivotal.diagnostics import mco_objective, msso_objective, stable_examples, theorem1_ratio
+from pivotal import outofcore, sharding
+from pivotal.sharding import data_mesh, replicate, shard_examples, sketch_rbc_features

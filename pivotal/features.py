@@ -9,7 +9,8 @@ approximate the inner products of full per-example loss gradients
 * :func:`gbc_features` -- GBC (Eq. 13-14): per-example gradients of a few layers
   importance-sampled with probability ``p_l = A_l / sum_l A_l``, scaled so the
   feature inner products are unbiased for the full-gradient inner products.
-* :func:`per_example_grads` -- chunked ``vmap(grad)``, the workhorse of GBC.
+* :func:`per_example_grads` -- chunked per-example gradients (``vmap(grad)`` or an
+  un-batched ``grad`` per example), the workhorse of GBC.
 * :func:`sample_snapshot_epochs` / :func:`history_features` -- Alg. 3: features from
   several parameter snapshots after the best-validation epoch, concatenated.
 
@@ -33,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "RECOMMENDED_CHUNK_SIZE",
+    "RECOMMENDED_IMPORTANCE_CHUNK_SIZE",
     "GBCInfo",
     "gbc_features",
     "history_features",
@@ -214,22 +217,113 @@ def _single_example_loss(loss_fn: LossFn) -> Callable[[PyTree, PyTree], jax.Arra
     return loss_one
 
 
-def _map_examples(fn: Callable, batch: PyTree, chunk_size: int | None):
-    """``vmap(fn)`` over examples, or ``lax.map`` in chunks of ``chunk_size``.
+# Strategies for the examples inside one chunk (see :func:`per_example_grads`).
+_STRATEGIES = ("vmap", "map")
+# Above this many examples per chunk, strategy="map" runs a compiled loop rather than
+# unrolling single-example gradients into straight-line code (compile time grows with it).
+_MAX_UNROLL = 64
 
-    ``lax.map(..., batch_size=k)`` vmaps ``k`` examples at a time inside a scan and
-    handles the remainder ``N mod k`` with one extra vmap, so peak memory is that of
-    ``k`` examples regardless of N.
+#: Suggested ``chunk_size`` for per-example gradients on CPU. On XLA:CPU, LeNet-5 runs
+#: fastest with chunks of 8-32 examples: ``vmap(grad)`` turns convolution-kernel gradients
+#: into grouped convolutions that slow down as chunks grow, while small chunks pay a
+#: dispatch per chunk. On accelerators larger chunks (hundreds) are usually better.
+RECOMMENDED_CHUNK_SIZE = 16
+#: Suggested batch size for the importance pass of :func:`gbc_features` (one backward
+#: pass of a summed loss per chunk: no per-example gradients, so larger chunks are cheap).
+RECOMMENDED_IMPORTANCE_CHUNK_SIZE = 128
+
+
+def _check_strategy(strategy) -> None:
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"`strategy` must be one of {_STRATEGIES}; got {strategy!r}.")
+
+
+def _map_examples(fn: Callable, chunk: PyTree, strategy: str):
+    """``fn`` applied to every example of ``chunk``, outputs stacked on a leading axis.
+
+    ``"vmap"``: ``jax.vmap(fn)``. ``"map"``: one un-batched call per example (no vmap, so
+    convolution-kernel gradients stay ordinary convolutions instead of grouped ones),
+    unrolled into straight-line code for up to ``_MAX_UNROLL`` examples and a compiled
+    ``lax.map`` loop beyond.
     """
-    if chunk_size is None:
-        return jax.vmap(fn)(batch)
-    return jax.lax.map(fn, batch, batch_size=chunk_size)
+    if strategy == "vmap":
+        return jax.vmap(fn)(chunk)
+    size = jax.tree_util.tree_leaves(chunk)[0].shape[0]
+    if size > _MAX_UNROLL:
+        return jax.lax.map(fn, chunk)
+    outs = [fn(jax.tree_util.tree_map(lambda x, i=i: x[i], chunk)) for i in range(size)]
+    return jax.tree_util.tree_map(lambda *rows: jnp.stack(rows), *outs)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "chunk_size"))
-def _per_example_grads_jit(loss_fn, params, batch, chunk_size):
+def _chunk_starts(n: int, chunk_size: int | None) -> tuple[int, list[int]]:
+    """``(c, starts)``: chunks of ``c = min(chunk_size, n)`` rows starting at ``starts``.
+
+    Every chunk is full: when ``c`` does not divide ``n`` the last chunk is shifted back
+    so that it ends at ``n`` (it overlaps the previous one), as in ``pivotal.kmeans``.
+    One chunk shape means one compiled kernel and no remainder to concatenate.
+    """
+    c = n if chunk_size is None else min(chunk_size, n)
+    starts = list(range(0, n - c + 1, c))
+    if starts[-1] + c < n:
+        starts.append(n - c)
+    return c, starts
+
+
+def _is_traced(*trees) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for tree in trees for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _slice_rows(batch: PyTree, start, size: int) -> PyTree:
+    return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=0), batch)
+
+
+def _write_rows(out: PyTree, rows: PyTree, start) -> PyTree:
+    return jax.tree_util.tree_map(
+        lambda o, r: jax.lax.dynamic_update_slice_in_dim(o, r.astype(o.dtype), start, axis=0), out, rows
+    )
+
+
+def _run_chunks(step: Callable, init: PyTree, starts: list[int], traced: bool) -> PyTree:
+    """``state = step(state, start)`` for every chunk start.
+
+    Concrete inputs: a host loop over a jitted ``step`` whose ``state`` buffer is donated,
+    so the output is written in place and memory stays at the output plus one chunk.
+    (XLA:CPU runs convolutions inside a device-side ``while`` loop several times slower
+    than the same convolutions at top level, so the host loop is also the faster one;
+    each dispatch costs microseconds against a chunk's milliseconds.) Under a trace: a
+    ``lax.fori_loop`` with the same in-place updates.
+    """
+    if not traced:
+        state = init
+        for start in starts:
+            state = step(state, np.int32(start))
+        return state
+    starts_arr = jnp.asarray(starts, dtype=jnp.int32)
+    return jax.lax.fori_loop(0, len(starts), lambda i, state: step(state, starts_arr[i]), init)
+
+
+def _chunked_rows(chunk_fn: Callable, batch: PyTree, chunk_size: int | None, step_fn: Callable, params: PyTree) -> PyTree:
+    """Rows ``chunk_fn(chunk)`` for all examples, written chunk by chunk into a preallocated output.
+
+    ``step_fn(out, start, batch)`` must compute ``chunk_fn`` on the rows
+    ``start : start + c`` and write them into ``out`` (jitted with ``out`` donated).
+    """
+    n = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    c, starts = _chunk_starts(n, chunk_size)
+    row_shapes = jax.eval_shape(chunk_fn, _slice_rows(batch, 0, c))
+    traced = _is_traced(batch, params)
+    out = jax.tree_util.tree_map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype), row_shapes)
+    return _run_chunks(lambda state, start: step_fn(state, start, batch, c), out, starts, traced)
+
+
+def _grads_chunk(loss_fn, params, chunk, strategy):
     grad_one = jax.grad(_single_example_loss(loss_fn))
-    return _map_examples(lambda example: grad_one(params, example), batch, chunk_size)
+    return _map_examples(lambda example: grad_one(params, example), chunk, strategy)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "size", "strategy"), donate_argnums=(0,))
+def _grads_step(out, start, params, batch, loss_fn, size, strategy):
+    return _write_rows(out, _grads_chunk(loss_fn, params, _slice_rows(batch, start, size), strategy), start)
 
 
 def per_example_grads(
@@ -238,31 +332,56 @@ def per_example_grads(
     batch: PyTree,
     *,
     chunk_size: int | None = None,
+    strategy: str = "vmap",
 ) -> PyTree:
     r"""Per-example gradients ``grad_theta f_j(theta)`` for every example of ``batch``.
 
-    Computed as ``vmap(grad(f_one))`` where ``f_one(params, example)`` is ``loss_fn``
-    applied to a batch holding that one example. With ``chunk_size`` the examples go
-    through ``jax.lax.map(..., batch_size=chunk_size)``, so memory is
-    O(chunk_size x P) for the gradients (plus the O(N x P) output) rather than the
-    O(N x P) intermediates of one big vmap. N need not be divisible by ``chunk_size``.
+    ``f_one(params, example)`` is ``loss_fn`` applied to a batch holding that one
+    example. The examples go through in chunks of ``chunk_size`` (None = all at once),
+    each chunk's gradients written into a preallocated ``(N, ...)`` output, so memory is
+    the O(N x P) output plus O(chunk_size x P) for one chunk, whatever N. N need not be
+    divisible by ``chunk_size``: the last chunk is shifted back to end at N (its overlap
+    with the previous chunk is recomputed), so every chunk has the same shape.
 
-    The computation is jit-compiled and cached on ``(loss_fn, chunk_size)``: pass the
-    same ``loss_fn`` object across calls to avoid recompiling.
+    ``chunk_size=None`` keeps the all-at-once behaviour; for large N pass a chunk size.
+    On CPU :data:`RECOMMENDED_CHUNK_SIZE` (16) is a good choice; on accelerators, larger.
+
+    Within a chunk, ``strategy`` picks how the examples are processed (same results up
+    to float rounding):
+
+    * ``"vmap"`` (default): ``vmap(grad(f_one))``, one batched computation per chunk.
+    * ``"map"``: ``grad(f_one)`` once per example without vmap, unrolled in the compiled
+      chunk (a ``lax.map`` loop for chunks over 64 examples). Under vmap a convolution
+      kernel's gradient becomes a grouped convolution, which some backends (XLA:CPU) run
+      slowly; ``"map"`` keeps ordinary convolutions. Use it with small chunks (4-32).
+
+    Computations are jit-compiled and cached on ``(loss_fn, chunk size, strategy)``: pass
+    the same ``loss_fn`` object across calls to avoid recompiling. Called on concrete
+    arrays, the chunks are driven from Python (one dispatch per chunk); under
+    ``jax.jit`` by a ``lax.fori_loop``.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> (B,)`` per-example losses.
       params: parameter pytree (P parameters in all).
       batch: pytree whose leaves have a leading axis N.
-      chunk_size: examples per vectorised chunk; None = all at once.
+      chunk_size: examples per chunk; None = all at once.
+      strategy: ``"vmap"`` or ``"map"``, see above.
 
     Returns:
       A pytree like ``params`` whose leaves have shape ``(N, *leaf.shape)``.
     """
     _check_positive_int("chunk_size", chunk_size, allow_none=True)
+    _check_strategy(strategy)
     _batch_size(batch)
     _check_loss_fn(loss_fn, params, batch)
-    return _per_example_grads_jit(loss_fn, params, batch, chunk_size)
+    batch = jax.tree_util.tree_map(jnp.asarray, batch)
+    return _chunked_rows(
+        lambda chunk: _grads_chunk(loss_fn, params, chunk, strategy),
+        batch,
+        chunk_size,
+        lambda out, start, b, c: _grads_step(out, start, params, b, loss_fn, c, strategy),
+        params,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -335,36 +454,56 @@ def layer_groups_of(
     return groups
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "chunk_size"))
+@functools.partial(jax.jit, static_argnames=("loss_fn", "size"), donate_argnums=(0,))
+def _grad_of_sum_step(total, start, skip, params, batch, loss_fn, size):
+    """``total + grad sum_{i >= skip} f_i`` over the rows ``start : start + size``."""
+    chunk = _slice_rows(batch, start, size)
+    keep = jnp.arange(size) >= skip
+
+    def masked_sum(p):
+        losses = loss_fn(p, chunk)
+        return jnp.sum(jnp.where(keep, losses, jnp.zeros_like(losses)))
+
+    return jax.tree_util.tree_map(jnp.add, total, jax.grad(masked_sum)(params))
+
+
+@jax.jit
+def _sq_norms_of_mean(total, n):
+    return jnp.stack([jnp.sum(jnp.square(g / n)) for g in jax.tree_util.tree_leaves(total)])
+
+
 def _leaf_sq_norms_of_mean_grad(loss_fn, params, batch, chunk_size):
-    """``||(1/N) sum_j grad_leaf f_j||^2`` for every leaf, with memory O(chunk x activations).
+    """``||(1/N) sum_j grad_leaf f_j||^2`` for every leaf (a ``(num_leaves,)`` array).
 
-    The mean gradient is one backward pass of the summed loss per chunk, accumulated in
-    a scan; per-example gradients are never formed.
+    The mean gradient is one backward pass of the summed loss per chunk of
+    ``chunk_size`` rows, accumulated in place; per-example gradients are never formed,
+    and memory is O(chunk x activations). The last chunk is shifted back to end at N
+    and its rows already counted are masked out of the sum.
     """
+    batch = jax.tree_util.tree_map(jnp.asarray, batch)
     n = jax.tree_util.tree_leaves(batch)[0].shape[0]
-
-    def grad_of_sum(chunk):
-        return jax.grad(lambda p: jnp.sum(loss_fn(p, chunk)))(params)
-
-    chunk = n if chunk_size is None else min(chunk_size, n)
-    num_full = n // chunk
-    head = jax.tree_util.tree_map(lambda x: x[: num_full * chunk].reshape((num_full, chunk) + x.shape[1:]), batch)
-
-    def body(total, chunk_batch):
-        return jax.tree_util.tree_map(jnp.add, total, grad_of_sum(chunk_batch)), None
-
+    c, starts = _chunk_starts(n, chunk_size)
+    # Rows of the shifted last chunk that the previous chunk already covered.
+    skips = {start: (starts[i - 1] + c - start if i and starts[i - 1] + c > start else 0)
+             for i, start in enumerate(starts)}
+    traced = _is_traced(params, batch)
+    skip_arr = jnp.asarray([skips[s] for s in starts], dtype=jnp.int32)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    total, _ = jax.lax.scan(body, zeros, head)
-    if num_full * chunk < n:
-        tail = jax.tree_util.tree_map(lambda x: x[num_full * chunk :], batch)
-        total = jax.tree_util.tree_map(jnp.add, total, grad_of_sum(tail))
-    return [jnp.sum(jnp.square(g / n)) for g in jax.tree_util.tree_leaves(total)]
+    if traced:
+        starts_arr = jnp.asarray(starts, dtype=jnp.int32)
+        total = jax.lax.fori_loop(
+            0, len(starts),
+            lambda i, t: _grad_of_sum_step(t, starts_arr[i], skip_arr[i], params, batch, loss_fn, c), zeros,
+        )
+    else:
+        total = zeros
+        for start in starts:
+            total = _grad_of_sum_step(total, np.int32(start), np.int32(skips[start]), params, batch, loss_fn, c)
+    return _sq_norms_of_mean(total, n)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "leaf_ids", "chunk_size"))
-def _selected_leaf_features(loss_fn, params, batch, leaf_ids, leaf_scales, chunk_size):
-    """``(N, D)``: per-example gradients of the leaves ``leaf_ids`` only, flattened and scaled.
+def _selected_chunk(loss_fn, params, chunk, leaf_ids, leaf_scales, strategy):
+    """``(c, D)``: per-example gradients of the leaves ``leaf_ids`` only, flattened and scaled.
 
     ``leaf_ids`` lists the leaves in column order (a leaf may repeat); ``leaf_scales``
     holds one factor per entry.
@@ -389,9 +528,27 @@ def _selected_leaf_features(loss_fn, params, batch, leaf_ids, leaf_scales, chunk
 
     def feature_one(example):
         grads = grad_one(selected, example)
-        return jnp.concatenate([s * jnp.ravel(grads[slot[i]]) for i, s in zip(leaf_ids, leaf_scales)])
+        return jnp.concatenate([leaf_scales[k] * jnp.ravel(grads[slot[i]]) for k, i in enumerate(leaf_ids)])
 
-    return _map_examples(feature_one, batch, chunk_size)
+    return _map_examples(feature_one, chunk, strategy)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "leaf_ids", "size", "strategy"), donate_argnums=(0,))
+def _selected_step(out, start, params, batch, leaf_scales, loss_fn, leaf_ids, size, strategy):
+    chunk = _slice_rows(batch, start, size)
+    return _write_rows(out, _selected_chunk(loss_fn, params, chunk, leaf_ids, leaf_scales, strategy), start)
+
+
+def _selected_leaf_features(loss_fn, params, batch, leaf_ids, leaf_scales, chunk_size, strategy="vmap"):
+    """``(N, D)`` GBC features of the leaves ``leaf_ids``, chunk by chunk into a preallocated output."""
+    batch = jax.tree_util.tree_map(jnp.asarray, batch)
+    return _chunked_rows(
+        lambda chunk: _selected_chunk(loss_fn, params, chunk, leaf_ids, leaf_scales, strategy),
+        batch,
+        chunk_size,
+        lambda out, start, b, c: _selected_step(out, start, params, b, leaf_scales, loss_fn, leaf_ids, c, strategy),
+        params,
+    )
 
 
 class GBCInfo(NamedTuple):
@@ -429,6 +586,9 @@ def gbc_features(
     layer_groups=None,
     merge_repeats: bool = True,
     return_info: bool = False,
+    strategy: str = "vmap",
+    importance_chunk_size: int | None = None,
+    importance_sample_size: int | None = None,
 ):
     r"""GBC features (paper Eq. 13-14): importance-sampled per-example layer gradients.
 
@@ -452,9 +612,20 @@ def gbc_features(
     identical inner products, narrower features. Blocks are ordered by layer (leaf
     order); with ``merge_repeats=False`` there are R blocks in draw order.
 
-    ``A_l`` comes from the gradient of the mean loss, one backward pass per chunk, never
-    from per-example gradients. Per-example gradients (chunked ``vmap(grad)``) are then
-    taken only w.r.t. the drawn layers' leaves. Layers with ``A_l = 0`` are never drawn.
+    ``A_l`` comes from the gradient of the mean loss, one backward pass per chunk of
+    ``importance_chunk_size`` rows, never from per-example gradients. Per-example
+    gradients (see :func:`per_example_grads`, chunks of ``chunk_size``, ``strategy``)
+    are then taken only w.r.t. the drawn layers' leaves. Layers with ``A_l = 0`` are
+    never drawn. Memory: the ``(N, D)`` output plus one chunk, whatever N.
+
+    Subsampled importance (``importance_sample_size = m < N``): ``A_l`` is computed from
+    the mean gradient over ``m`` rows drawn uniformly without replacement (with a key
+    derived from ``key``), so the importance pass costs O(m), not O(N). ``p`` is then an
+    estimate of the full-batch ``p``, but the estimator stays unbiased conditionally on
+    it: the layers are drawn from this ``p`` and scaled by ``1/sqrt(R p_l)`` with the same
+    ``p``, and the identity above holds for any ``p`` with ``p_l > 0`` wherever
+    ``g_{jl} != 0``. A layer whose subsample gradient vanishes exactly (``p_l = 0``) is
+    never drawn, which only biases its (then typically negligible) term.
     The layout depends on the draw, so this function is not jittable as a whole; its two
     passes are jit-compiled and cached on ``(loss_fn, chunk_size, drawn leaves)``.
 
@@ -467,11 +638,20 @@ def gbc_features(
       batch: pytree of N examples (leading axis N on every leaf).
       key: ``jax.random`` key for the layer draw.
       num_layers: R, the number of draws.
-      chunk_size: examples per vectorised chunk (memory O(chunk x P)); None = all.
+      chunk_size: examples per chunk of the per-example pass (memory O(chunk x P));
+        None = all at once. On CPU, :data:`RECOMMENDED_CHUNK_SIZE` (16) is a good value.
       layer_groups: how leaves form layers; see :func:`layer_groups_of` (default: one
         layer per parent path, e.g. one Flax module's ``{kernel, bias}``).
       merge_repeats: merge repeated draws of a layer into one block.
       return_info: also return a :class:`GBCInfo`.
+      strategy: how a chunk's per-example gradients are taken, ``"vmap"`` or ``"map"``;
+        see :func:`per_example_grads`. Does not change the result beyond float rounding.
+      importance_chunk_size: rows per backward pass of the importance pass. Default:
+        None (all rows at once) when ``chunk_size`` is None, else
+        ``max(chunk_size, RECOMMENDED_IMPORTANCE_CHUNK_SIZE)``: that pass forms no
+        per-example gradients, so it affords larger chunks.
+      importance_sample_size: estimate ``A_l`` from this many random rows (None = all N;
+        values >= N use all N).
 
     Returns:
       ``(N, D)`` features, D the summed size of the blocks; ``(features, info)`` with
@@ -479,9 +659,12 @@ def gbc_features(
     """
     _check_positive_int("num_layers", num_layers)
     _check_positive_int("chunk_size", chunk_size, allow_none=True)
+    _check_positive_int("importance_chunk_size", importance_chunk_size, allow_none=True)
+    _check_positive_int("importance_sample_size", importance_sample_size, allow_none=True)
+    _check_strategy(strategy)
     if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape == (2,))):
         raise TypeError(f"`key` must be a jax.random key; got {type(key)} {getattr(key, 'shape', '')}.")
-    _batch_size(batch)
+    n = _batch_size(batch)
     groups = layer_groups_of(params, layer_groups)
     leaves = jax.tree_util.tree_leaves(params)
     for i, leaf in enumerate(leaves):
@@ -489,7 +672,19 @@ def gbc_features(
             raise TypeError(f"every leaf of `params` must be floating point; leaf {i} has dtype {jnp.result_type(leaf)}.")
     _check_loss_fn(loss_fn, params, batch)
 
-    leaf_sq = np.asarray(jax.device_get(_leaf_sq_norms_of_mean_grad(loss_fn, params, batch, chunk_size)), np.float64)
+    batch = jax.tree_util.tree_map(jnp.asarray, batch)
+    if importance_chunk_size is None and chunk_size is not None:
+        importance_chunk_size = max(chunk_size, RECOMMENDED_IMPORTANCE_CHUNK_SIZE)
+    importance_batch = batch
+    if importance_sample_size is not None and importance_sample_size < n:
+        # A key of its own (fold_in), so the layer draw below still uses `key` itself.
+        rows = jax.random.choice(jax.random.fold_in(key, 1), n, shape=(importance_sample_size,), replace=False)
+        rows = jnp.sort(rows)
+        importance_batch = jax.tree_util.tree_map(lambda x: x[rows], batch)
+    leaf_sq = np.asarray(
+        jax.device_get(_leaf_sq_norms_of_mean_grad(loss_fn, params, importance_batch, importance_chunk_size)),
+        np.float64,
+    )
     names = tuple(groups)
     importance = np.array([leaf_sq[ids].sum() for ids in groups.values()], dtype=np.float64)
     if not np.all(np.isfinite(importance)):
@@ -524,7 +719,7 @@ def gbc_features(
 
     dtype = jnp.result_type(*[leaves[i] for i in leaf_ids])
     features = _selected_leaf_features(
-        loss_fn, params, batch, tuple(leaf_ids), jnp.asarray(leaf_scales, dtype=dtype), chunk_size
+        loss_fn, params, batch, tuple(leaf_ids), jnp.asarray(leaf_scales, dtype=dtype), chunk_size, strategy
     )
     if not return_info:
         return features
@@ -725,7 +920,8 @@ def make_gbc_feature_fn(loss_fn: LossFn, batch: PyTree, **gbc_kwargs) -> Callabl
 
     Each snapshot gets its own importances and its own layer draw (from its key), as in
     Alg. 3. ``gbc_kwargs`` go to :func:`gbc_features` (``num_layers``, ``chunk_size``,
-    ``layer_groups``, ``merge_repeats``).
+    ``layer_groups``, ``merge_repeats``, ``strategy``, ``importance_chunk_size``,
+    ``importance_sample_size``).
     """
     if gbc_kwargs.get("return_info"):
         raise ValueError("`return_info` cannot be used inside a history feature_fn.")

@@ -335,6 +335,87 @@ def test_gbc_bad_inputs():
         gbc_features(ce_loss, nan_params, batch, key)
 
 
+def test_remainder_chunks_and_strategies_give_identical_results(x64):
+    # N = 8 with chunks of 3: the last chunk is shifted back to rows 5..7 (overlap 1).
+    _, params, batch, ce_loss, lf_loss = make_problem()
+    full = per_example_grads(ce_loss, params, batch)
+    for strategy, chunk_size in (("vmap", 3), ("map", 3), ("map", None)):
+        got = per_example_grads(ce_loss, params, batch, chunk_size=chunk_size, strategy=strategy)
+        chex.assert_trees_all_close(got, full, rtol=1e-12, atol=1e-14)
+    # Under jit the chunks run in a lax.fori_loop: same values.
+    jitted = jax.jit(lambda p, b: per_example_grads(ce_loss, p, b, chunk_size=3))(params, batch)
+    chex.assert_trees_all_close(jitted, full, rtol=1e-12, atol=1e-14)
+    key = jax.random.PRNGKey(11)
+    ref, info_ref = gbc_features(lf_loss, params, batch, key, num_layers=4, return_info=True)
+    for kwargs in ({"chunk_size": 3, "importance_chunk_size": 3}, {"chunk_size": 5, "strategy": "map"}):
+        got, info = gbc_features(lf_loss, params, batch, key, num_layers=4, return_info=True, **kwargs)
+        assert info.draws == info_ref.draws
+        np.testing.assert_allclose(info.importance, info_ref.importance, rtol=1e-12)
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_map_strategy_long_chunks_use_a_loop(x64, monkeypatch):
+    from pivotal import features as feat_mod
+
+    monkeypatch.setattr(feat_mod, "_MAX_UNROLL", 2)
+    _, params, batch, ce_loss, _ = make_problem()
+    got = per_example_grads(ce_loss, params, batch, chunk_size=5, strategy="map")
+    chex.assert_trees_all_close(got, per_example_grads(ce_loss, params, batch), rtol=1e-12, atol=1e-14)
+
+
+def test_gbc_subsampled_importance(x64):
+    _, params, batch, ce_loss, _ = make_problem(n=8, seed=4)
+    key = jax.random.PRNGKey(2)
+    feats, info = gbc_features(ce_loss, params, batch, key, num_layers=3, importance_sample_size=3,
+                               return_info=True)
+    chex.assert_shape(feats, (8, int(info.block_sizes.sum())))
+    np.testing.assert_allclose(info.probabilities.sum(), 1.0)
+    again, info2 = gbc_features(ce_loss, params, batch, key, num_layers=3, importance_sample_size=3,
+                                return_info=True)
+    np.testing.assert_array_equal(feats, again)
+    np.testing.assert_array_equal(info.importance, info2.importance)
+    _, full_info = gbc_features(ce_loss, params, batch, key, num_layers=3, return_info=True)
+    assert not np.allclose(info.importance, full_info.importance)  # p is an estimate
+    # A sample as large as N is the full batch.
+    _, same = gbc_features(ce_loss, params, batch, key, num_layers=3, importance_sample_size=8, return_info=True)
+    np.testing.assert_allclose(same.importance, full_info.importance, rtol=1e-12)
+    # The importance rows are the mean-gradient of the drawn rows.
+    sub_keys = {tuple(gbc_features(ce_loss, params, batch, jax.random.PRNGKey(s), num_layers=3,
+                                   importance_sample_size=3, return_info=True)[1].importance.round(12))
+                for s in range(5)}
+    assert len(sub_keys) > 1
+    with pytest.raises(ValueError, match="importance_sample_size"):
+        gbc_features(ce_loss, params, batch, key, importance_sample_size=0)
+    with pytest.raises(ValueError, match="importance_chunk_size"):
+        gbc_features(ce_loss, params, batch, key, importance_chunk_size=0)
+    with pytest.raises(ValueError, match="strategy"):
+        gbc_features(ce_loss, params, batch, key, strategy="loop")
+    with pytest.raises(ValueError, match="strategy"):
+        per_example_grads(ce_loss, params, batch, strategy="loop")
+
+
+def test_gbc_subsampled_importance_gram_still_unbiased(x64):
+    # Conditionally on the estimated p the layer draw and the 1/sqrt(R p) scaling use the
+    # same p, so E[G G^T | p] is the full Gram matrix; averaged over keys (each with its
+    # own row subsample and layer draw) the mean Gram converges to it. Same tolerances
+    # as test_gbc_gram_is_unbiased_for_full_gradient_gram.
+    _, params, batch, ce_loss, _ = make_problem(n=8, seed=4)
+    full = flat_grads(per_example_grads(ce_loss, params, batch))
+    gram_full = np.asarray(full @ full.T)
+    norm_full = np.linalg.norm(gram_full)
+    grams, probs = [], set()
+    for key in jax.random.split(jax.random.PRNGKey(321), 200):
+        feats, info = gbc_features(ce_loss, params, batch, key, num_layers=2, importance_sample_size=3,
+                                   return_info=True)
+        assert np.all(info.probabilities > 0)
+        probs.add(tuple(info.probabilities.round(10)))
+        feats = np.asarray(feats)
+        grams.append(feats @ feats.T)
+    assert len(probs) > 10  # p really is re-estimated per key
+    err = np.linalg.norm(np.mean(grams, axis=0) - gram_full) / norm_full
+    assert err < 0.1, err
+
+
 # ---------------------------------------------------------------------------
 # Snapshot history
 # ---------------------------------------------------------------------------
