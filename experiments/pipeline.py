@@ -68,6 +68,7 @@ class ExperimentConfig:
     num_snapshots: int = 5  # K snapshots after t*
     snapshot_every: Optional[int] = None  # keep a snapshot every k epochs (None: every epoch)
     gbc_layers: int = 5
+    gbc_chunk_size: int = 16  # per-example gradient chunk; small chunks are fastest on XLA:CPU
     exclude_fraction: float = 0.5
     kmeans_iters: int = 200
     finetune_epochs: int = 20
@@ -98,7 +99,8 @@ class ExperimentConfig:
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {sorted(RULES)}, got {self.rule!r}")
         for name in ("warmup_epochs", "epochs", "batch_size", "num_snapshots", "gbc_layers",
-                     "kmeans_iters", "finetune_epochs", "chunk_size", "ta_vaal_steps"):
+                     "kmeans_iters", "finetune_epochs", "chunk_size", "ta_vaal_steps",
+                     "gbc_chunk_size"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not 0.0 <= self.exclude_fraction < 1.0:
@@ -372,7 +374,8 @@ def _gbc_block(model: Model, problem: Problem, params, model_state, key, cfg) ->
 
     batch = {"x": jnp.asarray(problem.x_train), "y": jnp.asarray(problem.y_noisy)}
     return pivotal.gbc_features(loss_fn, params, batch, key, num_layers=cfg.gbc_layers,
-                                chunk_size=cfg.chunk_size)
+                                chunk_size=cfg.gbc_chunk_size,
+                                importance_chunk_size=cfg.chunk_size)
 
 
 def selection_features(method: str, problem: Problem, model: Model, run: TrainOutcome,

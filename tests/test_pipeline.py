@@ -1,0 +1,126 @@
+"""The experiments pipeline and command line: smoke run of every method, resume, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from experiments import pipeline, run
+from experiments.presets import PRESETS
+
+SMOKE = PRESETS["smoke"].config
+
+
+def read_rows(out):
+    with open(os.path.join(out, "results.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def smoke_rows(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("smoke"))
+    assert run.main(["--preset", "smoke", "--out", out]) == 0
+    return out, read_rows(out)
+
+
+def test_smoke_runs_every_method(smoke_rows):
+    out, rows = smoke_rows
+    assert [r["method"] for r in rows] == list(pipeline.METHODS)
+    for r in rows:
+        assert 0.0 <= r["test_accuracy"] <= 1.0
+        for field in ("seed", "dataset", "noise", "rate", "weight_auc", "meta_indices",
+                      "selection_seconds", "train_seconds"):
+            assert field in r
+        expected = 0 if r["method"] == "base" else SMOKE.budget
+        assert len(r["meta_indices"]) == len(set(r["meta_indices"])) == expected
+    # Every method shares the warm-up's M0 random examples.
+    warm = {tuple(r["meta_indices"][:SMOKE.warmup]) for r in rows if r["method"] != "base"}
+    assert len(warm) == 1
+    table = open(os.path.join(out, "table.md")).read()
+    assert all(f"| {m} |" in table for m in pipeline.METHODS)
+
+
+def test_rerun_skips_finished_rows(smoke_rows):
+    out, rows = smoke_rows
+    start = time.perf_counter()
+    assert run.main(["--preset", "smoke", "--out", out]) == 0
+    assert read_rows(out) == rows
+    assert time.perf_counter() - start < 30
+
+
+def test_cleaning_gives_ground_truth_and_removes_from_pool():
+    problem = pipeline.make_problem(SMOKE, seed=0)
+    assert 0.5 < problem.noise_rate < 0.7  # 60 % adversarial noise
+    noisy_meta = np.flatnonzero(~problem.is_clean)[:5]
+    pool, meta = pipeline.split_pool(problem, noisy_meta)
+    np.testing.assert_array_equal(meta["y"], problem.y_clean[noisy_meta])
+    assert not np.any(meta["y"] == problem.y_noisy[noisy_meta])
+    assert np.intersect1d(pool, noisy_meta).size == 0
+    assert pool.size + noisy_meta.size == problem.y_noisy.size
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--dataset", "nope"], "dataset must be one of"),
+    (["--methods", "rbc,magic"], "methods must name some of"),
+    (["--preset", "nope"], "preset must be one of"),
+    (["--rate", "1.2"], "rate must be in"),
+    (["--budget", "10", "--warmup", "10"], "warmup must be in"),
+])
+def test_bad_arguments_fail_before_training(argv, match, capsys, tmp_path):
+    assert run.main(argv + ["--out", str(tmp_path)]) == 2
+    assert match in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "results.jsonl")
+
+
+def test_budget_larger_than_training_set(tmp_path):
+    with pytest.raises(ValueError, match="budget"):
+        run.main(["--preset", "smoke", "--budget", "100000", "--warmup", "10",
+                  "--methods", "random", "--out", str(tmp_path)])
+
+
+def test_unwritable_out(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert run.main(["--preset", "smoke", "--out", str(blocker / "sub")]) == 2
+    assert "not a writable directory" in capsys.readouterr().err
+
+
+def test_list_presets(capsys):
+    assert run.main(["--list-presets"]) == 0
+    text = capsys.readouterr().out
+    assert "smoke" in text and "default" in text
+
+
+def test_resume_after_kill_reproduces_uninterrupted(tmp_path):
+    args = ["-m", "experiments.run", "--preset", "smoke", "--methods", "random",
+            "--epochs", "25"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    clean_out, killed_out = str(tmp_path / "clean"), str(tmp_path / "killed")
+    subprocess.run([sys.executable, *args, "--out", clean_out], check=True, env=env,
+                   capture_output=True)
+
+    proc = subprocess.Popen([sys.executable, *args, "--out", killed_out], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    marker = None
+    while time.time() < deadline and marker is None:
+        for root, dirs, _ in os.walk(killed_out):
+            if os.path.basename(root) == "round0" and any(d == "step_3" for d in dirs):
+                marker = root
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker is not None, "the run never reached its third checkpoint"
+    assert not os.path.exists(os.path.join(killed_out, "results.jsonl"))
+
+    subprocess.run([sys.executable, *args, "--out", killed_out], check=True, env=env,
+                   capture_output=True)
+    (clean,), (resumed,) = read_rows(clean_out), read_rows(killed_out)
+    for key in ("test_accuracy", "best_epoch", "best_val_accuracy", "weight_auc",
+                "meta_indices"):
+        assert clean[key] == resumed[key], key
