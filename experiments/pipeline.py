@@ -72,6 +72,7 @@ class ExperimentConfig:
     exclude_fraction: float = 0.5
     kmeans_iters: int = 200
     finetune_epochs: int = 20
+    mesh: Optional[int] = None  # shard the example axis over this many devices ('data' axis)
     ta_vaal_steps: int = 400  # VAE/discriminator steps (the loss ranker gets 3/4 of them)
     chunk_size: int = 512
 
@@ -103,6 +104,13 @@ class ExperimentConfig:
                      "gbc_chunk_size"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.mesh is not None:
+            if self.mesh < 1 or self.mesh > jax.device_count():
+                raise ValueError(f"mesh must be in [1, {jax.device_count()}] (the devices JAX "
+                                 f"sees), got {self.mesh}")
+            if self.batch_size % self.mesh:
+                raise ValueError(f"batch_size {self.batch_size} must be divisible by the mesh "
+                                 f"size {self.mesh}")
         if not 0.0 <= self.exclude_fraction < 1.0:
             raise ValueError(f"exclude_fraction must be in [0, 1), got {self.exclude_fraction}")
 
@@ -223,6 +231,11 @@ def accuracy(model: Model, params, model_state, x, y, chunk_size: int) -> float:
     return float(np.mean(np.argmax(logits, -1) == y))
 
 
+def data_mesh(cfg: ExperimentConfig):
+    """The 1-D ``data`` mesh of ``cfg.mesh`` devices, or None (single device)."""
+    return None if cfg.mesh is None else pivotal.data_mesh(cfg.mesh)
+
+
 @jax.jit
 def _gather(x, y, idx):
     return {"x": x[idx], "y": y[idx], "index": idx}
@@ -273,6 +286,12 @@ def train_meta(
     else:
         params, model_state = init_params
     state = trainer.init(params, k_rule, num_examples=n, model_state=model_state)
+    mesh = data_mesh(cfg)
+    if mesh is not None:
+        # Parameters, optimizer and weight state replicated; each batch split over devices.
+        # The meta set is tiny and drawn with replacement inside the step: replicated too.
+        state = pivotal.replicate(state, mesh)
+        meta = None if meta is None else pivotal.replicate(meta, mesh)
     track = {"best_val": np.float64(-1.0), "best_test": np.float64(0.0),
              "best_epoch": np.int64(-1), "epoch": np.int64(0)}
     best = (state.params, state.model_state, pivotal.example_weights(state))
@@ -293,6 +312,8 @@ def train_meta(
         for s in range(steps_per_epoch):
             idx = jnp.asarray(pool[order[s * batch_size:(s + 1) * batch_size]])
             batch = _gather(x_dev, y_dev, idx)
+            if mesh is not None:
+                batch = pivotal.shard_examples(batch, mesh)
             k_step = jax.random.fold_in(k_epoch, s + 1)
             if cfg.augment:
                 batch["x"] = augment_cifar(jax.random.fold_in(k_step, 1), batch["x"])
@@ -433,7 +454,7 @@ def select(method: str, problem: Problem, model: Model, run: TrainOutcome,
         feats = selection_features(method, problem, model, run, cfg, k_feat)
         return np.asarray(pivotal.select_meta_samples(
             feats, count, k_sel, existing=existing, exclude_fraction=cfg.exclude_fraction,
-            weighted=(method != "rbc-k"), max_iters=cfg.kmeans_iters))
+            weighted=(method != "rbc-k"), max_iters=cfg.kmeans_iters, mesh=data_mesh(cfg)))
     raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
 
 

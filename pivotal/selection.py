@@ -132,6 +132,8 @@ def select_meta_samples(
     exclude_fraction: float = 0.5,
     weighted: bool = True,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    mesh=None,
+    mesh_axis: str = "data",
     **kmeans_kwargs,
 ) -> np.ndarray:
     """Selects up to ``budget`` new meta samples (paper Algorithm 2).
@@ -153,6 +155,10 @@ def select_meta_samples(
         ``[0, 1)``; ignored when ``existing`` is empty.
       weighted: weighted (S1/S2) or unweighted K-means.
       block_size: rows per block of every pass over the data.
+      mesh: optional ``jax.sharding.Mesh``: the candidates' rows are split over ``mesh_axis``
+        and the K-means runs sharded (:func:`pivotal.sharding.sharded_spherical_kmeans`: local
+        assignments, all-reduced centroid sums); same result as without a mesh.
+      mesh_axis: the mesh axis of the example dimension.
       **kmeans_kwargs: forwarded to :func:`weighted_spherical_kmeans` (``max_iters``, ``tol``,
         ``seed_sample_size``).
 
@@ -191,8 +197,15 @@ def select_meta_samples(
         Gc = jnp.concatenate([Gc, jnp.zeros((padded - candidates.size, G.shape[1]), G.dtype)])
     # Budgets rounded up to a multiple of 8 share one compiled K-means (surplus clusters are zero).
     kmeans_kwargs.setdefault("cluster_capacity", -(-budget // 8) * 8)
-    result = weighted_spherical_kmeans(Gc, budget, key, weighted=weighted, block_size=block_size,
-                                       **kmeans_kwargs)
+    if mesh is None:
+        result = weighted_spherical_kmeans(Gc, budget, key, weighted=weighted,
+                                           block_size=block_size, **kmeans_kwargs)
+    else:
+        from pivotal.sharding import sharded_spherical_kmeans  # sharding imports kmeans
+
+        result = sharded_spherical_kmeans(Gc, budget, key, mesh, axis=mesh_axis,
+                                          weighted=weighted, block_size=block_size,
+                                          **kmeans_kwargs)
 
     # |cos| of every candidate to its own centroid. The S1 argmax reproduces result.assignments,
     # and the S1 value divided by ||C_a|| is |cos|.

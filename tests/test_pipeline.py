@@ -124,3 +124,18 @@ def test_resume_after_kill_reproduces_uninterrupted(tmp_path):
     for key in ("test_accuracy", "best_epoch", "best_val_accuracy", "weight_auc",
                 "meta_indices"):
         assert clean[key] == resumed[key], key
+
+
+def test_mesh_run_matches_single_device(tmp_path):
+    """``--mesh data=4`` on 4 simulated CPU devices selects and scores like one device."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    args = [sys.executable, "-m", "experiments.run", "--preset", "smoke", "--methods", "rbc",
+            "--epochs", "2"]
+    subprocess.run(args + ["--out", str(tmp_path / "one")], check=True, env=env,
+                   capture_output=True)
+    subprocess.run(args + ["--mesh", "data=4", "--out", str(tmp_path / "four")], check=True,
+                   env=env, capture_output=True)
+    (one,), (four,) = read_rows(str(tmp_path / "one")), read_rows(str(tmp_path / "four"))
+    assert four["config"]["mesh"] == 4 and one["config"]["mesh"] is None
+    assert one["meta_indices"] == four["meta_indices"]
+    assert abs(one["test_accuracy"] - four["test_accuracy"]) <= 0.01

@@ -163,6 +163,8 @@ def _worker() -> dict:
     ref = pivotal.select_meta_samples(G, 5, k1, existing=np.array([0, 3]))
     got = pivotal.select_meta_samples(S.shard_examples(G, mesh), 5, k1, existing=np.array([0, 3]))
     out["select_equal"] = bool(np.array_equal(ref, got))
+    got_mesh = pivotal.select_meta_samples(G, 5, k1, existing=np.array([0, 3]), mesh=mesh)
+    out["select_mesh_equal"] = bool(np.array_equal(ref, got_mesh))
 
     # --- RBC sketch shards row-wise
     sk = S.sketch_rbc_features(h, z, key=k1, sketch_classes=2, sketch_dim=8)
@@ -227,6 +229,7 @@ def test_kmeans_padded(results):
 
 def test_select_meta_samples_matches(results):
     assert results["select_equal"]
+    assert results["select_mesh_equal"]  # the K-means sharded with shard_map
 
 
 def test_sketch_sharded(results):
