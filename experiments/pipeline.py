@@ -486,8 +486,13 @@ def warmup_run(problem: Problem, model: Model, cfg: ExperimentConfig, seed: int,
 
 
 def run_method(method: str, problem: Problem, model: Model, cfg: ExperimentConfig, seed: int,
-               work_dir: str, warm: Optional[tuple] = None) -> dict:
-    """Phases 2-5 for one method (phase 1 is ``warm``, shared by the methods of a seed)."""
+               work_dir: str, warm: Optional[tuple] = None, *, return_outcome: bool = False):
+    """Phases 2-5 for one method (phase 1 is ``warm``, shared by the methods of a seed).
+
+    Returns the result row; with ``return_outcome=True`` the pair ``(row, outcome)``, where
+    ``outcome`` is the final :class:`TrainOutcome` (its ``best_params`` draw the decision
+    regions of :func:`experiments.plots.plot_fig1`).
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     key = jax.random.PRNGKey(seed)
@@ -534,4 +539,4 @@ def run_method(method: str, problem: Problem, model: Model, cfg: ExperimentConfi
         meta_noisy_before_cleaning=int(np.sum(~problem.is_clean[meta])),
         train_seconds=run.seconds,
     )
-    return row
+    return (row, run) if return_outcome else row

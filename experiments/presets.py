@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from experiments.pipeline import METHODS, ExperimentConfig
 
@@ -14,6 +14,7 @@ class Preset(NamedTuple):
     config: ExperimentConfig
     methods: tuple = METHODS
     seeds: int = 1
+    plot: Optional[str] = None  # an extra figure written after the table, e.g. "fig1"
 
 
 PRESETS = {
@@ -29,6 +30,23 @@ PRESETS = {
         ExperimentConfig(dataset="digits", model="mlp", warmup_epochs=3, epochs=3,
                          finetune_epochs=3, batch_size=128, budget=14, warmup=10,
                          num_snapshots=2, kmeans_iters=20, weight_lr=300.0, ta_vaal_steps=50),
+    ),
+    # The paper's Figure 1: the 2-D toy set (600 train / 160 val / 240 test, 1 % base noise),
+    # 60 % uniform noise on the training labels (two classes: uniform = flip), the default MLP
+    # with two hidden layers of 100, and 6 cleaned meta examples in all: 2 random ones for the
+    # warm-up (the fewest that can cover both classes) + 4 selected by each method. Writes
+    # OUT/fig1.png (seed 0's regions and meta examples) next to OUT/methods.png.
+    "fig1": Preset(
+        "paper Figure 1: 2-D toy (four Gaussians), 60% uniform noise (flips), MLP 100-100, "
+        "6 meta examples (2 random warm-up + 4 selected), random / RBC / GBC, 5 seeds; "
+        "writes fig1.png",
+        4.0,
+        ExperimentConfig(dataset="toy", noise="uniform", rate=0.6, model="mlp", budget=6,
+                         warmup=2, warmup_epochs=30, epochs=30, batch_size=100, lr=0.1,
+                         weight_lr=300.0, num_snapshots=5, kmeans_iters=200),
+        methods=("random", "rbc", "gbc"),
+        seeds=5,
+        plot="fig1",
     ),
 }
 

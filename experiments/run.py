@@ -124,8 +124,13 @@ def summarise(rows: list[dict], methods: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(cfg: ExperimentConfig, methods: Sequence[str], seeds: int, out: str) -> list[dict]:
-    """Run (or resume) every method for seeds ``0..seeds-1``; returns this config's rows."""
+def run(cfg: ExperimentConfig, methods: Sequence[str], seeds: int, out: str,
+        plot: Optional[str] = None) -> list[dict]:
+    """Run (or resume) every method for seeds ``0..seeds-1``; returns this config's rows.
+
+    After the table: ``OUT/methods.png`` (accuracy per method) and, with ``plot="fig1"``,
+    ``OUT/fig1.png`` (seed 0's decision regions, see :mod:`experiments.plots`).
+    """
     from experiments import pipeline  # jax-heavy import only when running
 
     check_out(out)
@@ -133,6 +138,7 @@ def run(cfg: ExperimentConfig, methods: Sequence[str], seeds: int, out: str) -> 
     results = os.path.join(out, "results.jsonl")
     done = {(r["method"], r["seed"]) for r in checkpoint.read_jsonl(results)
             if r.get("config_id") == cid}
+    outcomes: dict = {}  # seed 0's final TrainOutcome per method, for plot="fig1"
     for seed in range(seeds):
         todo = [m for m in methods if (m, seed) not in done]
         if not todo:
@@ -148,7 +154,10 @@ def run(cfg: ExperimentConfig, methods: Sequence[str], seeds: int, out: str) -> 
             if method != "base" and warm is None:
                 warm = pipeline.warmup_run(problem, model, cfg, seed, work)
             t0 = time.perf_counter()
-            row = pipeline.run_method(method, problem, model, cfg, seed, work, warm)
+            row, outcome = pipeline.run_method(method, problem, model, cfg, seed, work, warm,
+                                               return_outcome=True)
+            if seed == 0:
+                outcomes[method] = outcome
             row.update(seed=seed, dataset=cfg.dataset, noise=cfg.noise, rate=cfg.rate,
                        imbalance=cfg.imbalance, model=cfg.model, budget=cfg.budget,
                        warmup=cfg.warmup, realised_noise_rate=problem.noise_rate,
@@ -162,7 +171,45 @@ def run(cfg: ExperimentConfig, methods: Sequence[str], seeds: int, out: str) -> 
     table = summarise(rows, methods)
     checkpoint.write_text_atomic(os.path.join(out, "table.md"), table)
     print(table)
+    write_plots(cfg, methods, out, rows, plot, outcomes)
     return rows
+
+
+def write_plots(cfg: ExperimentConfig, methods: Sequence[str], out: str, rows: list[dict],
+                plot: Optional[str], outcomes: dict) -> None:
+    """``OUT/methods.png`` always; ``OUT/fig1.png`` when ``plot == "fig1"``."""
+    from experiments import pipeline, plots
+
+    plots.plot_method_bars(rows, os.path.join(out, "methods.png"),
+                           title=f"{cfg.dataset}, {cfg.noise} {cfg.rate:g}, budget {cfg.budget}")
+    print(f"wrote {os.path.join(out, 'methods.png')}")
+    if plot is None:
+        return
+    if plot != "fig1":
+        raise ValueError(f"unknown plot {plot!r}")
+    problem = pipeline.make_problem(cfg, 0)
+    if tuple(problem.input_shape) != (2,) or problem.num_classes != 2:
+        print(f"fig1.png skipped: {cfg.dataset} is not a 2-D two-class set", file=sys.stderr)
+        return
+    model = pipeline.build_model(cfg, problem)
+    work = os.path.join(out, "work", config_id(cfg), "seed0")
+    drawn = [m for m in plots.FIG1_METHODS if m in methods]
+    results = []
+    for method in drawn:
+        row = next(r for r in rows if r["method"] == method and r["seed"] == 0)
+        if method not in outcomes:  # a resumed run: reload from the checkpoints in work/
+            warm = pipeline.warmup_run(problem, model, cfg, 0, work)
+            _, outcomes[method] = pipeline.run_method(method, problem, model, cfg, 0, work,
+                                                      warm, return_outcome=True)
+        results.append((row, outcomes[method]))
+    clean = plots.train_clean_classifier(problem, cfg, seed=0)
+    path = plots.plot_fig1(problem, results, os.path.join(out, "fig1.png"), methods=drawn,
+                           predict=model.predict, clean=clean,
+                           title=f"toy, {cfg.noise} noise {cfg.rate:g}, {cfg.budget} meta "
+                                 f"examples ({cfg.warmup} random + {cfg.budget - cfg.warmup} "
+                                 f"selected), seed 0; clean-data classifier test acc "
+                                 f"{100 * clean.test_accuracy:.1f}%")
+    print(f"wrote {path}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -176,7 +223,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run(cfg, methods, seeds, args.out)
+    run(cfg, methods, seeds, args.out, plot=get_preset(args.preset).plot)
     return 0
 
 
