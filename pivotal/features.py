@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pivotal.reweight import leading_size
+
 __all__ = [
     "RECOMMENDED_CHUNK_SIZE",
     "RECOMMENDED_IMPORTANCE_CHUNK_SIZE",
@@ -77,25 +79,6 @@ def _check_positive_int(name: str, value, *, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-
-
-def _batch_size(batch: PyTree, name: str = "batch") -> int:
-    """The common leading axis of every leaf of ``batch``."""
-    leaves = jax.tree_util.tree_leaves(batch)
-    if not leaves:
-        raise ValueError(f"`{name}` must contain at least one array leaf.")
-    sizes = set()
-    for leaf in leaves:
-        shape = np.shape(leaf)
-        if len(shape) == 0:
-            raise ValueError(f"every leaf of `{name}` needs a leading example axis; found a scalar leaf.")
-        sizes.add(shape[0])
-    if len(sizes) != 1:
-        raise ValueError(f"every leaf of `{name}` must have the same leading size N; found sizes {sorted(sizes)}.")
-    (n,) = sizes
-    if n < 1:
-        raise ValueError(f"`{name}` must hold at least one example (leading axis is 0).")
-    return n
 
 
 def _check_loss_fn(loss_fn: LossFn, params: PyTree, batch: PyTree) -> None:
@@ -372,7 +355,7 @@ def per_example_grads(
     """
     _check_positive_int("chunk_size", chunk_size, allow_none=True)
     _check_strategy(strategy)
-    _batch_size(batch)
+    leading_size(batch, "batch")
     _check_loss_fn(loss_fn, params, batch)
     batch = jax.tree_util.tree_map(jnp.asarray, batch)
     return _chunked_rows(
@@ -664,7 +647,7 @@ def gbc_features(
     _check_strategy(strategy)
     if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape == (2,))):
         raise TypeError(f"`key` must be a jax.random key; got {type(key)} {getattr(key, 'shape', '')}.")
-    n = _batch_size(batch)
+    n = leading_size(batch, "batch")
     groups = layer_groups_of(params, layer_groups)
     leaves = jax.tree_util.tree_leaves(params)
     for i, leaf in enumerate(leaves):

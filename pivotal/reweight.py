@@ -58,7 +58,8 @@ def leading_size(tree: PyTree, name: str) -> int:
         sizes.add(shape[0])
     if len(sizes) != 1:
         raise ValueError(
-            f"all leaves of {name} must share the leading example axis, got sizes {sorted(sizes)}"
+            f"all leaves of {name} must have the same leading size N (the example axis), "
+            f"got sizes {sorted(sizes)}"
         )
     size = sizes.pop()
     if size == 0:
