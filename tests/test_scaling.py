@@ -29,7 +29,7 @@ def extra_beyond_output(what, n, **flags):
                  marks=pytest.mark.xfail(reason=(
                      "known gap: the first K-means call needs about one extra N x D float32 "
                      "buffer (measured 171 -> 223 MiB beyond the output for N = 20k -> 80k, "
-                     "D = 256); the steady-state blocked loop itself is flat"), strict=False)),
+                     "D = 256), not yet traced to its source"), strict=False)),
 ])
 def test_memory_flat_in_n(what, flags):
     small = extra_beyond_output(what, 20_000, **flags)
