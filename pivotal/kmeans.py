@@ -354,7 +354,7 @@ def _draw(uniforms, weights):
     return jnp.minimum(idx, weights.shape[0] - 1)
 
 
-def _seed_centroids(G, norms, key, num_seeds, *, capacity: int, weighted: bool, sample_size: int):
+def seed_centroids(G, norms, key, num_seeds, *, capacity: int, weighted: bool, sample_size: int):
     """Greedy k-means++ in the sign-invariant (weighted) cosine geometry; seeds ``(capacity, D)``.
 
     The squared distance of G_j to the line through a unit seed u is ``||G_j||^2 (1 - cos^2)``.
@@ -464,7 +464,7 @@ def _kmeans_single(G, key, num_clusters, max_iters, tol, init=None, *, capacity,
     nonzero = norms > 0
     nonzero_i = nonzero.astype(jnp.int32)
     if init is None:
-        seeds = _seed_centroids(G, norms, key, num_clusters, capacity=m, weighted=weighted,
+        seeds = seed_centroids(G, norms, key, num_clusters, capacity=m, weighted=weighted,
                                 sample_size=seed_sample)
     else:
         seeds = jnp.where((jnp.arange(m) < num_clusters)[:, None], init.astype(dtype), 0)
@@ -590,11 +590,17 @@ def _kmeans_single(G, key, num_clusters, max_iters, tol, init=None, *, capacity,
     return st.centroids, st.assign, st.objective, st.it, members
 
 
+def seed_sample(n: int, capacity: int, seed_sample_size=None) -> int:
+    """Rows the k-means++ seeding looks at: ``seed_sample_size``, else ``max(4096, 64 M)``."""
+    sample = seed_sample_size or max(_SEED_MIN_POINTS, _SEED_POINTS_PER_CLUSTER * capacity)
+    return min(n, max(sample, capacity))
+
+
 def _static_config(n: int, capacity: int, weighted: bool, block_size: int, seed_sample_size=None) -> dict:
     """The static arguments of ``_kmeans_single`` that :func:`weighted_spherical_kmeans` uses."""
-    sample = seed_sample_size or max(_SEED_MIN_POINTS, _SEED_POINTS_PER_CLUSTER * capacity)
     return dict(capacity=capacity, weighted=bool(weighted), block_size=min(block_size, n),
-                sparse_tiers=_sparse_tiers(n, block_size), seed_sample=min(n, max(sample, capacity)))
+                sparse_tiers=_sparse_tiers(n, block_size),
+                seed_sample=seed_sample(n, capacity, seed_sample_size))
 
 
 def weighted_spherical_kmeans(
@@ -620,7 +626,7 @@ def weighted_spherical_kmeans(
     * update (S2, sign-aligned): ``C_i = sum_{j in i} s_j G_j / sum_{j in i} ||G_j||`` with
       ``s_j = sign(<G_j, C_i>)`` (``weighted=False``: ``C_i = mean_{j in i} s_j G_j / ||G_j||``).
 
-    Seeds come from k-means++ in the same sign-invariant geometry (see ``_seed_centroids``). The
+    Seeds come from k-means++ in the same sign-invariant geometry (see ``seed_centroids``). The
     loop stops when no assignment changes, when the objective changes by at most ``tol`` relative,
     or after ``max_iters`` assignment steps; it runs in one ``lax.while_loop`` under ``jit``,
     compiled once per (N, D, M, dtype, options). A cluster that loses all its members keeps its

@@ -210,7 +210,7 @@ def kmeans_memmap(G, num_clusters: int, key, *, memory_budget_bytes: Optional[in
     Returns a :class:`pivotal.kmeans.KMeansResult` (``assignments`` a host ``int32`` array) equal
     to the in-memory result for the same key up to float summation order.
     """
-    from pivotal.kmeans import KMeansResult, _seed_centroids
+    from pivotal.kmeans import KMeansResult, seed_centroids
 
     if not (hasattr(G, "shape") and hasattr(G, "dtype")) or len(G.shape) != 2:
         raise ValueError("G must be a 2-D array-like (N, D) such as an np.memmap")
@@ -261,7 +261,7 @@ def kmeans_memmap(G, num_clusters: int, key, *, memory_budget_bytes: Optional[in
     while True:
         run_key = key if attempt == 0 else jax.random.fold_in(key, attempt)
         if init is None:
-            seeds = _seed_centroids(source, norms_dev, run_key, jnp.asarray(m, jnp.int32), capacity=capacity,
+            seeds = seed_centroids(source, norms_dev, run_key, jnp.asarray(m, jnp.int32), capacity=capacity,
                                     weighted=bool(weighted), sample_size=sample)
         else:
             seeds = jnp.where((jnp.arange(capacity) < m)[:, None], init, 0)

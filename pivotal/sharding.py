@@ -307,18 +307,17 @@ def _sharded_lloyd(G, seeds, max_iters, tol, *, mesh, axis, weighted, block_size
 def _kmeanspp_seeds(G, key, num_seeds, *, capacity, weighted, sample_size):
     # The seeding of pivotal.kmeans (same key -> same seeds as weighted_spherical_kmeans); it reads
     # only a subsample of rows, so GSPMD gathers just those rows.
-    from pivotal.kmeans import _seed_centroids
+    from pivotal.kmeans import seed_centroids
 
     norms = jnp.sqrt(jnp.sum(jnp.square(G), axis=1))
-    return _seed_centroids(G, norms, key, num_seeds, capacity=capacity, weighted=weighted,
+    return seed_centroids(G, norms, key, num_seeds, capacity=capacity, weighted=weighted,
                            sample_size=sample_size)
 
 
 def _seed_sample(n: int, capacity: int, seed_sample_size: Optional[int]) -> int:
-    from pivotal import kmeans as _km
+    from pivotal.kmeans import seed_sample
 
-    sample = seed_sample_size or max(_km._SEED_MIN_POINTS, _km._SEED_POINTS_PER_CLUSTER * capacity)
-    return min(n, max(sample, capacity))
+    return seed_sample(n, capacity, seed_sample_size)
 
 
 def _check_features(G, name="G"):

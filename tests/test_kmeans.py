@@ -121,7 +121,7 @@ def test_matches_numpy_reference_from_same_seeds(weighted):
         X = jnp.asarray(X)
         key = jax.random.key(7)
         static = K._static_config(600, 6, weighted, K.DEFAULT_BLOCK_SIZE)
-        seed = jax.jit(K._seed_centroids, static_argnames=("capacity", "weighted", "sample_size"))
+        seed = jax.jit(K.seed_centroids, static_argnames=("capacity", "weighted", "sample_size"))
         seeds = seed(X, K._row_norms(X), key, 6, capacity=6, weighted=weighted,
                      sample_size=static["seed_sample"])
         C_ref, a_ref, it_ref = reference_lloyd(np.asarray(X), np.asarray(seeds), weighted, 50)
