@@ -355,7 +355,14 @@ def read_jsonl(path) -> list[dict]:
 
 
 def write_text_atomic(path, text: str) -> None:
-    """Replaces ``path`` by ``text`` atomically: readers see the old or the new file whole.
+    """Replaces ``path`` by ``text`` (UTF-8) atomically; see :func:`write_bytes_atomic`."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path, data: bytes) -> None:
+    """Replaces ``path`` by ``data`` atomically: readers see the old or the new file whole.
 
     Writes a temporary file in the same directory (``os.replace`` is atomic only within
     one file system), fsyncs it, renames it over ``path``, then fsyncs the directory so
@@ -365,8 +372,8 @@ def write_text_atomic(path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

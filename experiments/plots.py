@@ -11,8 +11,7 @@ moved over the target with ``os.replace``.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -22,25 +21,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from experiments.checkpoint import write_bytes_atomic
+
 FIG1_METHODS = ("random", "rbc", "gbc")
 LABEL_COLOURS = ("tab:blue", "tab:red")  # class 0 (lower corners), class 1 (upper corners)
 
 
 def _save_atomic(fig, path: str) -> str:
-    """Render ``fig`` to ``path`` (PNG) through a temporary file in the same directory."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
+    """Render ``fig`` to ``path`` (PNG) atomically (readers never see half a file)."""
+    buffer = io.BytesIO()
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
     return path
 
 
