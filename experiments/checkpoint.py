@@ -22,6 +22,7 @@ already are uint32 arrays.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -89,6 +90,17 @@ def latest_step(directory) -> int | None:
     """The newest complete checkpoint's step, or ``None`` when there is none."""
     steps = _steps(directory)
     return steps[-1] if steps else None
+
+
+class _ReadOnlyNotice(logging.Filter):
+    """Drops Orbax's warnings that a directory opened read-only is read-only (we asked)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("read only" in message or "read_only=True" in message)
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotice())
 
 
 def _manager(directory: Path, items, keep, read_only) -> ocp.CheckpointManager:
