@@ -95,9 +95,11 @@ def _as_features(G, name: str, *, check_finite: bool = True) -> jax.Array:
     return G
 
 
-# Jitted so the elementwise test fuses into the reduction: no N x D temporary.
-_all_finite = jax.jit(lambda x: jnp.all(jnp.isfinite(x)))
-_any_nonzero = jax.jit(lambda x: jnp.any(x != 0))
+# Written as max |x| because XLA:CPU fuses abs into a max-reduction but materialises the
+# (N, D) boolean of all(isfinite(x)) / any(x != 0) (measured: 20 MiB at 80k x 256). NaN and
+# inf propagate through the max, so the tests are exact.
+_all_finite = jax.jit(lambda x: jnp.isfinite(jnp.max(jnp.abs(x))))
+_any_nonzero = jax.jit(lambda x: jnp.max(jnp.abs(x)) > 0)
 
 
 def _as_int(value, name: str) -> int:

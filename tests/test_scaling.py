@@ -25,11 +25,7 @@ def extra_beyond_output(what, n, **flags):
 
 @pytest.mark.parametrize("what, flags", [
     ("gbc", {"chunk": 1024}),
-    pytest.param("kmeans", {"dim": 256, "clusters": 16, "iters": 5, "block_size": 2048},
-                 marks=pytest.mark.xfail(reason=(
-                     "known gap: the first K-means call needs about one extra N x D float32 "
-                     "buffer (measured 171 -> 223 MiB beyond the output for N = 20k -> 80k, "
-                     "D = 256), not yet traced to its source"), strict=False)),
+    ("kmeans", {"dim": 256, "clusters": 16, "iters": 5, "block_size": 2048}),
 ])
 def test_memory_flat_in_n(what, flags):
     small = extra_beyond_output(what, 20_000, **flags)
