@@ -20,7 +20,7 @@ class Preset(NamedTuple):
 PRESETS = {
     "default": Preset(
         "the main job: MNIST-5k, 60% adversarial noise (c -> c+1), LeNet-5, budget 20 "
-        "(10 warm-up + 10 selected), all nine methods, one seed",
+        "(10 warm-up + 10 selected), all ten methods of the paper's Table 1, one seed",
         10.0,
         ExperimentConfig(),
     ),
