@@ -375,10 +375,16 @@ def _probs(model: Model, params, model_state, x, chunk_size: int) -> np.ndarray:
     return np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
 
 
+def _forward(model: Model, problem: Problem, params, model_state, chunk_size: int):
+    """Penultimate features ``(N, D)`` and logits ``(N, C)`` of every training example."""
+    return models.apply_in_chunks(lambda xb: model.features(params, model_state, xb),
+                                  problem.x_train, chunk_size)
+
+
 def _rbc_block(model: Model, problem: Problem, params, model_state, label_aware: bool,
-               chunk_size: int) -> jax.Array:
-    h, logits = models.apply_in_chunks(lambda xb: model.features(params, model_state, xb),
-                                       problem.x_train, chunk_size)
+               chunk_size: int, forward=None) -> jax.Array:
+    h, logits = forward if forward is not None else _forward(model, problem, params,
+                                                             model_state, chunk_size)
     labels = problem.y_noisy if label_aware else None
     return pivotal.rbc_features(jnp.asarray(h), jnp.asarray(logits), labels)
 
@@ -427,18 +433,17 @@ def select(method: str, problem: Problem, model: Model, run: TrainOutcome,
         pick = pivotal.certainty_selection if method == "certain" else pivotal.uncertainty_selection
         return np.asarray(pick(probs, count, existing=existing))
     if method == "craig":
+        forward = _forward(model, problem, run.best_params, run.best_model_state,
+                           cfg.chunk_size)
         feats = _rbc_block(model, problem, run.best_params, run.best_model_state,
-                           cfg.label_aware, cfg.chunk_size)
-        probs = _probs(model, run.best_params, run.best_model_state, problem.x_train,
-                       cfg.chunk_size)
+                           cfg.label_aware, cfg.chunk_size, forward=forward)
         return np.asarray(pivotal.craig_selection(feats, count, existing=existing,
-                                                  classes=np.argmax(probs, -1), key=key))
+                                                  classes=np.argmax(forward[1], -1), key=key))
     if method == "ta-vaal":
         from experiments.ta_vaal import ta_vaal_selection
 
-        h, logits = models.apply_in_chunks(
-            lambda xb: model.features(run.best_params, run.best_model_state, xb),
-            problem.x_train, cfg.chunk_size)
+        h, logits = _forward(model, problem, run.best_params, run.best_model_state,
+                             cfg.chunk_size)
         existing = np.asarray(existing)
         meta_losses = np.asarray(optax.softmax_cross_entropy_with_integer_labels(
             jnp.asarray(logits[existing]), jnp.asarray(problem.y_clean[existing])))

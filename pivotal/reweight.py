@@ -137,7 +137,7 @@ def weight_gradient(
     weights: Array,
     meta_batch: PyTree,
     *,
-    inner_lr: Schedule,
+    inner_lr: float,
     optimizer: Optional[optax.GradientTransformation] = None,
     opt_state: Optional[optax.OptState] = None,
 ) -> Array:
