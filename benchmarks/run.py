@@ -717,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     argv_list = list(sys.argv[1:] if argv is None else argv)
     command = " ".join(["python -m benchmarks.run", *argv_list])
-    results = run(CONFIGS[mode], args.out, command=command, sections=args.only)
+    run(CONFIGS[mode], args.out, command=command, sections=args.only)
     print((Path(args.out) / "table.md").read_text())
     return 0
 

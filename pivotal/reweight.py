@@ -36,7 +36,6 @@ import optax
 Array = jax.Array
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], Array]
-Schedule = Union[float, Callable[[Array], Array]]
 
 WEIGHT_MIN = 1e-7
 WEIGHT_MAX = 1.0
