@@ -86,7 +86,10 @@ def resolve(args: argparse.Namespace):
 
 
 def config_id(cfg: ExperimentConfig) -> str:
-    blob = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    """Hash of the fields that differ from their defaults: stable when a field is added."""
+    changed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+               if getattr(cfg, f.name) != f.default}
+    blob = json.dumps(changed, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
