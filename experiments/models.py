@@ -312,6 +312,33 @@ def features_fn(module: nn.Module, has_state: bool):
     return features
 
 
+def margin_distance_fn(module: nn.Module, has_state: bool):
+    """Jitted ``(params, model_state, x (B, ...)) -> (B,)`` distances to the decision boundary.
+
+    The first-order margin of Elsayed et al. (2018): with ``i`` the predicted class and ``j``
+    the runner-up, ``d = (z_i - z_j) / ||grad_x (z_i - z_j)||_2``, the distance from ``x`` to
+    the linearised boundary between the two classes. (The paper's Table 3 ranks training
+    examples by it.) Eval mode.
+    """
+    del has_state
+
+    def gap(params, model_state, x, i, j):
+        z = module.apply(_variables(params, model_state), x[None], train=False)[0]
+        return z[i] - z[j]
+
+    @jax.jit
+    def distance(params, model_state, x):
+        logits = module.apply(_variables(params, model_state), x, train=False)
+        top2 = jnp.argsort(logits, axis=-1)[:, ::-1][:, :2]
+        margin, grads = jax.vmap(jax.value_and_grad(gap, argnums=2),
+                                 in_axes=(None, None, 0, 0, 0))(
+            params, model_state, x, top2[:, 0], top2[:, 1])
+        norms = jnp.sqrt(jnp.sum(grads.reshape(grads.shape[0], -1) ** 2, axis=-1))
+        return margin / jnp.maximum(norms, jnp.finfo(norms.dtype).tiny)
+
+    return distance
+
+
 def apply_in_chunks(fn: Callable[[Array], PyTree], x, chunk_size: int) -> PyTree:
     """Applies ``fn`` to ``x`` ``(N, ...)`` in chunks of ``chunk_size`` rows.
 

@@ -28,6 +28,7 @@ import optax
 from tqdm.auto import tqdm
 
 import pivotal
+from pivotal.selection import remaining_candidates
 from experiments import checkpoint, models
 from experiments import noise as noise_lib
 from experiments.datasets import augment_cifar, load_dataset
@@ -50,7 +51,7 @@ class ExperimentConfig:
     data_dir: Optional[str] = None
     model: str = "lenet5"
     budget: int = 20  # M0 + M1 cleaned examples in all
-    warmup: int = 10  # M0, drawn at random
+    warmup: int = 10  # M0, drawn at random; 0 = no warm-up (plain training, then one selection)
     rounds: int = 1  # selection rounds after the warm-up (Algorithm 2's loop)
     warmup_epochs: int = 20
     epochs: int = 20
@@ -75,6 +76,7 @@ class ExperimentConfig:
     mesh: Optional[int] = None  # shard the example axis over this many devices ('data' axis)
     ta_vaal_steps: int = 400  # VAE/discriminator steps (the loss ranker gets 3/4 of them)
     chunk_size: int = 512
+    diagnostics: bool = False  # rbc rows also report Theorem 1's D_j and Theorem 2's counts
 
     @property
     def label_aware(self) -> bool:
@@ -92,8 +94,8 @@ class ExperimentConfig:
             raise ValueError(f"imbalance must be a factor >= 1, got {self.imbalance}")
         if self.budget <= 0:
             raise ValueError(f"budget must be positive, got {self.budget}")
-        if not 0 < self.warmup < self.budget:
-            raise ValueError(f"warmup must be in [1, budget) so that something is selected; "
+        if not 0 <= self.warmup < self.budget:
+            raise ValueError(f"warmup must be in [0, budget) so that something is selected; "
                              f"got warmup={self.warmup}, budget={self.budget}")
         if self.rounds < 1 or self.rounds > self.budget - self.warmup:
             raise ValueError(f"rounds must be in [1, budget - warmup], got {self.rounds}")
@@ -113,6 +115,18 @@ class ExperimentConfig:
                                  f"size {self.mesh}")
         if not 0.0 <= self.exclude_fraction < 1.0:
             raise ValueError(f"exclude_fraction must be in [0, 1), got {self.exclude_fraction}")
+
+
+# Fields that do not change the warm-up run: configs differing only in these share it.
+SELECTION_ONLY_FIELDS = ("budget", "rounds", "epochs", "num_snapshots", "gbc_layers",
+                         "gbc_chunk_size", "exclude_fraction", "kmeans_iters", "finetune_epochs",
+                         "ta_vaal_steps", "chunk_size", "diagnostics")
+
+
+def warmup_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with the fields that only matter after the warm-up reset to their defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ExperimentConfig)}
+    return dataclasses.replace(cfg, **{name: defaults[name] for name in SELECTION_ONLY_FIELDS})
 
 
 RULES = {
@@ -406,24 +420,70 @@ def _gbc_block(model: Model, problem: Problem, params, model_state, key, cfg) ->
 
 
 def selection_features(method: str, problem: Problem, model: Model, run: TrainOutcome,
-                       cfg: ExperimentConfig, key: jax.Array) -> jax.Array:
-    """``(N, D)`` features of every training example from ``K`` snapshots after ``t*``."""
+                       cfg: ExperimentConfig, key: jax.Array, *, labels=None,
+                       return_epochs: bool = False):
+    """``(N, D)`` features of every training example from ``K`` snapshots after ``t*``.
+
+    ``labels``: ``(N,)`` labels for label-aware RBC features (default: label-aware with the
+    noisy labels only when ``cfg.label_aware``). With ``return_epochs``: ``(G, epochs)``.
+    """
     snapshots = load_snapshots(run)
 
     def feature_fn(snapshot, k):
         params, model_state = snapshot
         if method == "gbc":
             return _gbc_block(model, problem, params, model_state, k, cfg)
+        if labels is not None:
+            h, logits = _forward(model, problem, params, model_state, cfg.chunk_size)
+            return pivotal.rbc_features(jnp.asarray(h), jnp.asarray(logits), jnp.asarray(labels))
         return _rbc_block(model, problem, params, model_state, cfg.label_aware, cfg.chunk_size)
 
     # Only every ``snapshot_every``-th epoch was kept; draw among those after t*.
     return pivotal.history_features(feature_fn, snapshots, key, best_epoch=run.best_epoch,
-                                    num_snapshots=cfg.num_snapshots)
+                                    num_snapshots=cfg.num_snapshots, return_epochs=return_epochs)
+
+
+def theorem_statistics(problem: Problem, model: Model, run: TrainOutcome, cfg: ExperimentConfig,
+                       key: jax.Array, features, existing: np.ndarray,
+                       selected: np.ndarray) -> dict:
+    """The paper's Table 4 (Theorem 1's ``D_j``) and Table 5 (Theorem 2's stable examples).
+
+    Both are measured on the candidates the K-means clustered (Algorithm 2 drops the examples
+    close to the existing meta set), with the newly selected meta samples standing in for the
+    centroids (Theorem 2's ``G_meta,i``). ``features``: the label-free RBC features that chose
+    ``selected``; the label-aware ones come from the same snapshots (same ``key``), with the
+    labels the learner sees, except the selected (cleaned) examples' ground truth.
+    """
+    candidates = remaining_candidates(features, existing=existing,
+                                              exclude_fraction=cfg.exclude_fraction)
+    labels = problem.y_noisy.copy()
+    labels[selected] = problem.y_clean[selected]
+    aware = selection_features("rbc", problem, model, run, cfg, key, labels=labels)
+    free = jnp.asarray(features)
+    stable = np.asarray(pivotal.stable_examples(free[candidates], aware[candidates],
+                                                free[selected], aware[selected]))
+    stats = {"stable_count": int(stable.sum()), "candidate_count": int(candidates.size)}
+    # Label-free RBC rows are softmax (>= 0) outer ReLU features (>= 0): every inner product
+    # is >= 0 and D_j = inf by construction. The label-aware rows (p - onehot(y)) mix signs.
+    for prefix, G in (("d", free), ("d_aware", aware)):
+        ratio = np.asarray(pivotal.theorem1_ratio(G[candidates], G[selected]))
+        # inf sorts last; "lower" avoids interpolating between inf values (nan).
+        stats.update({f"{prefix}_min": float(ratio.min()),
+                      f"{prefix}_q05": float(np.quantile(ratio, 0.05, method="lower")),
+                      f"{prefix}_median": float(np.quantile(ratio, 0.5, method="lower")),
+                      f"{prefix}_inf_fraction": float(np.mean(np.isinf(ratio)))})
+    return stats
 
 
 def select(method: str, problem: Problem, model: Model, run: TrainOutcome,
-           existing: np.ndarray, count: int, cfg: ExperimentConfig, key: jax.Array) -> np.ndarray:
-    """``count`` new training indices (not in ``existing``) chosen by ``method``."""
+           existing: np.ndarray, count: int, cfg: ExperimentConfig, key: jax.Array,
+           info: Optional[dict] = None) -> np.ndarray:
+    """``count`` new training indices (not in ``existing``) chosen by ``method``.
+
+    ``info``: a dict that receives what the selection used (``snapshot_epochs`` for RBC/GBC;
+    with ``cfg.diagnostics`` and RBC, :func:`theorem_statistics`).
+    """
+    info = {} if info is None else info
     n = len(problem.y_noisy)
     if method in ("random", "finetune"):
         return np.asarray(pivotal.random_selection(n, count, key, existing=existing))
@@ -442,6 +502,9 @@ def select(method: str, problem: Problem, model: Model, run: TrainOutcome,
     if method == "ta-vaal":
         from experiments.ta_vaal import ta_vaal_selection
 
+        if len(existing) == 0:
+            raise ValueError("ta-vaal learns from the labelled meta set: it needs a warm-up "
+                             "(warmup >= 1)")
         h, logits = _forward(model, problem, run.best_params, run.best_model_state,
                              cfg.chunk_size)
         existing = np.asarray(existing)
@@ -456,10 +519,16 @@ def select(method: str, problem: Problem, model: Model, run: TrainOutcome,
                                  ranker_steps=max(1, 3 * cfg.ta_vaal_steps // 4))
     if method in ("rbc", "rbc-k", "gbc"):
         k_feat, k_sel = jax.random.split(key)
-        feats = selection_features(method, problem, model, run, cfg, k_feat)
-        return np.asarray(pivotal.select_meta_samples(
+        feats, epochs = selection_features(method, problem, model, run, cfg, k_feat,
+                                           return_epochs=True)
+        info["snapshot_epochs"] = [int(e) for e in epochs]
+        picked = np.asarray(pivotal.select_meta_samples(
             feats, count, k_sel, existing=existing, exclude_fraction=cfg.exclude_fraction,
             weighted=(method != "rbc-k"), max_iters=cfg.kmeans_iters, mesh=data_mesh(cfg)))
+        if cfg.diagnostics and method == "rbc" and not cfg.label_aware:
+            info.update(theorem_statistics(problem, model, run, cfg, k_feat, feats,
+                                           np.asarray(existing), picked))
+        return picked
     raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
 
 
@@ -480,14 +549,40 @@ def weight_auc(weights: Optional[np.ndarray], problem: Problem, pool: np.ndarray
 
 def warmup_run(problem: Problem, model: Model, cfg: ExperimentConfig, seed: int,
                work_dir: str) -> tuple[np.ndarray, TrainOutcome]:
-    """Phase 1: ``M0`` random examples cleaned, meta re-weighting with snapshots."""
+    """Phase 1: ``M0`` random examples cleaned, meta re-weighting with snapshots.
+
+    ``cfg.warmup == 0`` (the paper's "without pre-training", Table 10): no example is cleaned
+    yet; the model is trained plainly on the noisy labels and the whole budget is selected
+    from its snapshots. The run lives in ``work_dir/warmup`` (checkpointed, resumable).
+    """
     key = jax.random.PRNGKey(seed)
-    meta0 = np.asarray(pivotal.random_selection(len(problem.y_noisy), cfg.warmup,
-                                                jax.random.fold_in(key, 1)))
-    run = train_meta(problem, model, cfg, jax.random.fold_in(key, 2), meta_indices=meta0,
-                     epochs=cfg.warmup_epochs, ckpt_dir=os.path.join(work_dir, "warmup"),
-                     keep_snapshots=True, desc="warm-up")
+    if cfg.warmup == 0:
+        meta0 = np.zeros(0, np.int64)
+    else:
+        meta0 = np.asarray(pivotal.random_selection(len(problem.y_noisy), cfg.warmup,
+                                                    jax.random.fold_in(key, 1)))
+    run = train_meta(problem, model, cfg, jax.random.fold_in(key, 2),
+                     meta_indices=meta0 if meta0.size else None, epochs=cfg.warmup_epochs,
+                     ckpt_dir=os.path.join(work_dir, "warmup"), keep_snapshots=True,
+                     desc="warm-up")
     return meta0, run
+
+
+BOUNDARY_COUNT, BOUNDARY_FRACTION = 1000, 0.2
+
+
+def boundary_subset(model: Model, problem: Problem, params, model_state, pool: np.ndarray,
+                    chunk_size: int) -> np.ndarray:
+    """The ``min(1000, 20 % of the pool)`` pool examples nearest the decision boundary.
+
+    Distances are the first-order margins (:func:`experiments.models.margin_distance_fn`)
+    under ``params``; the paper's Table 3 reports the weight AUC on the 1,000 nearest.
+    """
+    distance = models.margin_distance_fn(model.module, model.has_state)
+    d = models.apply_in_chunks(lambda xb: distance(params, model_state, xb),
+                               problem.x_train[pool], chunk_size)
+    count = max(1, min(BOUNDARY_COUNT, int(BOUNDARY_FRACTION * len(pool))))
+    return pool[np.argsort(np.abs(d), kind="stable")[:count]]
 
 
 def run_method(method: str, problem: Problem, model: Model, cfg: ExperimentConfig, seed: int,
@@ -504,6 +599,7 @@ def run_method(method: str, problem: Problem, model: Model, cfg: ExperimentConfi
     k_final = jax.random.fold_in(key, 3)  # the same for every method: a fair comparison
     method_dir = os.path.join(work_dir, method)
     row: dict[str, Any] = {"method": method, "selection_seconds": 0.0}
+    rounds: list = []  # (meta-set size, test accuracy) after each round's training
 
     if method == "base":
         run = train_meta(problem, model, cfg, k_final, meta_indices=None, epochs=cfg.epochs,
@@ -513,12 +609,15 @@ def run_method(method: str, problem: Problem, model: Model, cfg: ExperimentConfi
         meta, prev = warm if warm is not None else warmup_run(problem, model, cfg, seed, work_dir)
         extra = cfg.budget - cfg.warmup
         per_round = [extra // cfg.rounds + (r < extra % cfg.rounds) for r in range(cfg.rounds)]
-        run = prev
+        run = warm_run = prev
         for r, count in enumerate(per_round):
             t0 = time.perf_counter()
             k_sel = jax.random.fold_in(jax.random.fold_in(key, 4), r)
-            new = select(method, problem, model, prev, meta, count, cfg, k_sel)
+            info: dict = {}
+            new = select(method, problem, model, prev, meta, count, cfg, k_sel, info)
             row["selection_seconds"] += time.perf_counter() - t0
+            for name, value in info.items():  # one entry per round
+                row.setdefault(name, []).append(value)
             meta = np.concatenate([meta, np.asarray(new, np.int64)])
             if method == "finetune":
                 break
@@ -527,6 +626,7 @@ def run_method(method: str, problem: Problem, model: Model, cfg: ExperimentConfi
                              ckpt_dir=os.path.join(method_dir, f"round{r}"),
                              keep_snapshots=not last, desc=f"{method} r{r}")
             prev = run
+            rounds.append((len(meta), run.test_accuracy))
         if method == "finetune":
             # Fine-tune the warm-up's best model on the cleaned meta set alone.
             run = train_meta(problem, model, cfg, k_final, meta_indices=None,
@@ -535,11 +635,20 @@ def run_method(method: str, problem: Problem, model: Model, cfg: ExperimentConfi
                              train_indices=meta, train_labels=problem.y_clean,
                              ckpt_dir=os.path.join(method_dir, "final"), desc="finetune")
     pool = np.setdiff1d(np.arange(len(problem.y_noisy)), meta)
+    boundary_auc = None
+    if run.weights is not None and method != "base":
+        # Nearest the boundary of the warm-up's model: one example set for every method.
+        near = boundary_subset(model, problem, warm_run.best_params, warm_run.best_model_state,
+                               pool, cfg.chunk_size)
+        boundary_auc = weight_auc(run.weights, problem, near)
     row.update(
         test_accuracy=run.test_accuracy,
         best_val_accuracy=run.best_val_accuracy,
         best_epoch=run.best_epoch,
         weight_auc=weight_auc(run.weights, problem, pool),
+        weight_auc_boundary=boundary_auc,
+        round_meta_count=[m for m, _ in rounds],
+        round_test_accuracy=[a for _, a in rounds],
         meta_indices=[int(i) for i in meta],
         meta_noisy_before_cleaning=int(np.sum(~problem.is_clean[meta])),
         train_seconds=run.seconds,

@@ -4,6 +4,16 @@
 - :func:`plot_fig1`: the 2-D toy set coloured by true label, the meta examples as stars, each
   method's learned decision regions (shaded) and the clean-data classifier (dotted black line,
   the p = 0.5 contour of a model trained on the clean labels); one panel per method.
+- :func:`plot_noise_curve`: the paper's Figure 3, test accuracy vs noise rate, one line per
+  method (mean over seeds, shaded +- std band).
+- :func:`plot_rounds`: the paper's Table 6 as a figure, test accuracy vs meta-set size as meta
+  examples are added round by round (mean +- std over seeds).
+- :func:`plot_tsne`: the paper's Figure 4, a t-SNE of the per-example RBC features and the
+  K-means centroids under the sign-invariant distance ``1 - |cos|``
+  (:func:`abs_cosine_distance`), the selected meta examples circled.
+
+Every plotting function checks its input first and raises ``ValueError`` naming the offending
+argument before any heavy work (t-SNE, rendering).
 
 Every PNG is written atomically: rendered to a temporary file in the target directory, then
 moved over the target with ``os.replace``.
@@ -12,6 +22,7 @@ moved over the target with ``os.replace``.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -193,4 +204,314 @@ def plot_fig1(problem, rows_or_results: Sequence[Any], path: str, *,
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return _save_atomic(fig, path)
+
+
+# ----------------------------------------------------------------------------- row checks
+
+
+def _checked_rows(rows: Sequence[Mapping[str, Any]], keys: Sequence[str],
+                  func: str) -> list[Mapping[str, Any]]:
+    """``rows`` as a list after checking it is a non-empty sequence of mappings with ``keys``."""
+    if isinstance(rows, (str, bytes, Mapping)):
+        raise ValueError(f"{func}: rows must be a sequence of dicts, got {type(rows).__name__}")
+    rows = list(rows)
+    if not rows:
+        raise ValueError(f"{func}: rows is empty")
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise ValueError(f"{func}: rows[{i}] is a {type(row).__name__}, not a dict")
+        missing = [k for k in keys if k not in row]
+        if missing:
+            raise ValueError(f"{func}: rows[{i}] lacks the key(s) {missing}")
+    return rows
+
+
+def _finite_number(value: Any, where: str, func: str) -> float:
+    """``value`` as a float; ValueError naming ``where`` unless it is a finite real number."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{func}: {where} must be a finite number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{func}: {where} must be a finite number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{func}: {where} must be a finite number, got {value!r}")
+    return number
+
+
+def _first_appearance(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The methods of ``rows`` in order of first appearance."""
+    return list(dict.fromkeys(r["method"] for r in rows))
+
+
+def _mean_std_line(ax, xs: np.ndarray, samples: Sequence[np.ndarray], label: str,
+                   marker: str | None = None) -> None:
+    """A line through the means of ``samples`` (one array per x) with a shaded +- std band."""
+    means = np.array([s.mean() for s in samples])
+    stds = np.array([s.std() for s in samples])
+    (line,) = ax.plot(xs, means, marker=marker, markersize=5, linewidth=1.6, label=label)
+    ax.fill_between(xs, means - stds, means + stds, color=line.get_color(), alpha=0.2,
+                    linewidth=0)
+
+
+# ----------------------------------------------------------------------------- Figure 3
+
+
+def plot_noise_curve(rows: Sequence[Mapping[str, Any]], path: str, *, x: str = "rate",
+                     title: str | None = None) -> str:
+    """Test accuracy vs noise rate (the paper's Figure 3); returns ``path``.
+
+    Args:
+      rows: ``results.jsonl`` rows, each with ``method``, ``seed``, ``test_accuracy`` (a
+        fraction) and the ``x`` key (a fraction, e.g. the noise rate).
+      path: the PNG to write.
+      x: the row key on the x axis; its values are shown in percent.
+      title: optional axes title.
+
+    One line per method (in order of first appearance): at each x value, the mean over the
+    rows (seeds) with a shaded +- std band (population std, as in :func:`plot_method_bars`).
+    """
+    func = "plot_noise_curve"
+    if not isinstance(x, str) or not x:
+        raise ValueError(f"{func}: x must be a non-empty row key, got {x!r}")
+    rows = _checked_rows(rows, ("method", "seed", "test_accuracy", x), func)
+    points: dict[str, dict[float, list[float]]] = {}
+    seeds: dict[str, set] = {}
+    for i, row in enumerate(rows):
+        xv = _finite_number(row[x], f"rows[{i}][{x!r}] (the x key)", func)
+        acc = _finite_number(row["test_accuracy"], f"rows[{i}]['test_accuracy']", func)
+        points.setdefault(row["method"], {}).setdefault(xv, []).append(acc)
+        seeds.setdefault(row["method"], set()).add(row["seed"])
+
+    fig, ax = plt.subplots(figsize=(5.0, 3.6))
+    for method in _first_appearance(rows):
+        by_x = points[method]
+        xs = np.array(sorted(by_x))
+        samples = [100 * np.asarray(by_x[v], float) for v in xs]
+        _mean_std_line(ax, 100 * xs, samples, f"{method} (n={len(seeds[method])})",
+                       marker="o")
+    ax.set_xlabel("noise rate (%)" if x == "rate" else f"{x} (%)")
+    ax.set_ylabel("test accuracy (%)")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save_atomic(fig, path)
+
+
+# ----------------------------------------------------------------------------- Table 6
+
+
+def plot_rounds(rows: Sequence[Mapping[str, Any]], path: str, *,
+                title: str | None = None) -> str:
+    """Test accuracy as meta examples are added round by round (the paper's Table 6).
+
+    Args:
+      rows: rows with ``method``, ``seed``, ``round_meta_count`` (the meta-set size after each
+        round, ints) and ``round_test_accuracy`` (the test accuracy after each round,
+        fractions; the same length).
+      path: the PNG to write.
+      title: optional axes title.
+
+    One line per method (in order of first appearance) with a marker per meta-set size: the
+    mean over the seeds that reached that size, with a shaded +- std band. Returns ``path``.
+    """
+    func = "plot_rounds"
+    keys = ("method", "seed", "round_meta_count", "round_test_accuracy")
+    rows = _checked_rows(rows, keys, func)
+    points: dict[str, dict[int, list[float]]] = {}
+    seeds: dict[str, set] = {}
+    for i, row in enumerate(rows):
+        counts, accs = row["round_meta_count"], row["round_test_accuracy"]
+        for key, seq in (("round_meta_count", counts), ("round_test_accuracy", accs)):
+            if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence) or not seq:
+                raise ValueError(f"{func}: rows[{i}][{key!r}] must be a non-empty list, "
+                                 f"got {seq!r}")
+        if len(counts) != len(accs):
+            raise ValueError(f"{func}: rows[{i}] has {len(counts)} round_meta_count entries "
+                             f"but {len(accs)} round_test_accuracy entries")
+        for j, (count, acc) in enumerate(zip(counts, accs)):
+            c = _finite_number(count, f"rows[{i}]['round_meta_count'][{j}]", func)
+            if c != int(c) or c < 0:
+                raise ValueError(f"{func}: rows[{i}]['round_meta_count'][{j}] must be a "
+                                 f"non-negative int, got {count!r}")
+            a = _finite_number(acc, f"rows[{i}]['round_test_accuracy'][{j}]", func)
+            points.setdefault(row["method"], {}).setdefault(int(c), []).append(a)
+        seeds.setdefault(row["method"], set()).add(row["seed"])
+
+    fig, ax = plt.subplots(figsize=(5.0, 3.6))
+    for method in _first_appearance(rows):
+        by_count = points[method]
+        xs = np.array(sorted(by_count))
+        samples = [100 * np.asarray(by_count[c], float) for c in xs]
+        _mean_std_line(ax, xs, samples, f"{method} (n={len(seeds[method])})", marker="o")
+    ax.set_xlabel("meta-set size")
+    ax.set_ylabel("test accuracy (%)")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save_atomic(fig, path)
+
+
+# ----------------------------------------------------------------------------- Figure 4
+
+
+def abs_cosine_distance(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """Pairwise sign-invariant distance ``1 - |cos|`` between the rows of ``a`` and ``b``.
+
+    Rows are L2-normalised first; a zero row has cosine 0 with everything (distance 1), except
+    that with ``b`` None (the square matrix of ``a`` against itself) the diagonal is exactly 0.
+    The result lies in [0, 1], and a row and its negation are at distance 0.
+    """
+    def unit(m):
+        m = np.asarray(m, np.float64)
+        if m.ndim != 2:
+            raise ValueError(f"abs_cosine_distance needs 2-D arrays, got shape {m.shape}")
+        norms = np.linalg.norm(m, axis=1, keepdims=True)
+        return m / np.where(norms > 0, norms, 1.0)
+
+    ua = unit(a)
+    ub = ua if b is None else unit(b)
+    if ua.shape[1] != ub.shape[1]:
+        raise ValueError(f"abs_cosine_distance: a has {ua.shape[1]} columns, b has "
+                         f"{ub.shape[1]}")
+    dist = np.clip(1.0 - np.abs(ua @ ub.T), 0.0, 1.0)
+    if b is None:
+        dist = 0.5 * (dist + dist.T)  # exactly symmetric despite rounding
+        np.fill_diagonal(dist, 0.0)
+    return dist
+
+
+def tsne_perplexity(n_points: int) -> float:
+    """The perplexity used for ``n_points`` embedded points: ``min(30, (n_points - 1) / 3)``.
+
+    sklearn's default 30, lowered for small sets since the perplexity must stay below the
+    number of points (about three perplexities of neighbours are used per point).
+    """
+    return float(min(30.0, (n_points - 1) / 3.0))
+
+
+def plot_tsne(features: np.ndarray, centroids: np.ndarray, path: str, *,
+              labels: np.ndarray | None = None, selected: Sequence[int] | None = None,
+              max_points: int = 2000, seed: int = 0, title: str | None = None) -> str:
+    """A t-SNE map of the RBC features and the K-means centroids (the paper's Figure 4).
+
+    Args:
+      features: ``(N, D)`` per-example features (the RBC gradient features).
+      centroids: ``(M, D)`` K-means centroids in the same space.
+      path: the PNG to write.
+      labels: optional ``(N,)`` integer labels colouring the points (a qualitative colormap
+        with a legend for up to 20 classes, a colorbar beyond).
+      selected: optional indices into ``features`` of the chosen meta examples, drawn as
+        red-edged circles; they are always embedded.
+      max_points: when N exceeds it, a random subset of ``max_points`` examples (a numpy
+        Generator seeded with ``seed``; all ``selected`` ones kept, so the subset is larger
+        when there are more of those) is embedded, plus all centroids.
+      seed: seeds the subset and the t-SNE (``random_state``).
+      title: optional axes title.
+
+    The geometry is spherical and sign-invariant, so the embedding uses
+    ``metric="precomputed"`` on :func:`abs_cosine_distance` (``1 - |cos|`` between the
+    L2-normalised rows; zero rows are at distance 1 from everything else) with
+    ``init="random"``, and perplexity :func:`tsne_perplexity` of the number of embedded points
+    (sklearn requires it below that number). Returns ``path``.
+    """
+    func = "plot_tsne"
+    features = np.asarray(features)
+    centroids = np.asarray(centroids)
+    if features.ndim != 2 or features.shape[0] < 1 or features.shape[1] < 1:
+        raise ValueError(f"{func}: features must be a non-empty (N, D) array, got shape "
+                         f"{features.shape}")
+    if not np.issubdtype(features.dtype, np.number) or not np.isfinite(features).all():
+        raise ValueError(f"{func}: features must be finite numbers")
+    n, d = features.shape
+    if centroids.ndim != 2 or centroids.shape[0] < 1 or centroids.shape[1] != d:
+        raise ValueError(f"{func}: centroids must be a non-empty (M, {d}) array matching "
+                         f"features, got shape {centroids.shape}")
+    if not np.issubdtype(centroids.dtype, np.number) or not np.isfinite(centroids).all():
+        raise ValueError(f"{func}: centroids must be finite numbers")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (n,):
+            raise ValueError(f"{func}: labels must have shape ({n},) like features, got "
+                             f"{labels.shape}")
+        if labels.dtype.kind not in "iub" and not (
+                labels.dtype.kind == "f" and np.all(np.isfinite(labels))
+                and np.all(labels == np.round(labels))):
+            raise ValueError(f"{func}: labels must be integers, got dtype {labels.dtype}")
+        labels = labels.astype(np.int64)
+    if selected is not None:
+        sel = np.asarray(selected)
+        if sel.size and (sel.ndim != 1 or sel.dtype.kind not in "iu"):
+            raise ValueError(f"{func}: selected must be a 1-D sequence of int indices, got "
+                             f"shape {sel.shape} dtype {sel.dtype}")
+        sel = sel.astype(np.int64).reshape(-1)
+        if sel.size and (sel.min() < 0 or sel.max() >= n):
+            raise ValueError(f"{func}: selected indices must lie in [0, {n}), got "
+                             f"[{sel.min()}, {sel.max()}]")
+        selected = np.unique(sel)
+    if isinstance(max_points, (bool, np.bool_)) or not isinstance(max_points,
+                                                                  (int, np.integer)):
+        raise ValueError(f"{func}: max_points must be an int, got {max_points!r}")
+    if max_points < 1:
+        raise ValueError(f"{func}: max_points must be >= 1, got {max_points}")
+
+    # The examples to embed (sorted indices into features).
+    rng = np.random.default_rng(seed)
+    if n > max_points:
+        keep = selected if selected is not None else np.zeros(0, np.int64)
+        rest = np.setdiff1d(np.arange(n), keep)
+        fill = max(0, max_points - keep.size)
+        subset = np.union1d(keep, rng.choice(rest, size=min(fill, rest.size), replace=False))
+    else:
+        subset = np.arange(n)
+    m = centroids.shape[0]
+    n_points = subset.size + m
+    if n_points < 2:
+        raise ValueError(f"{func}: need at least 2 points (features + centroids) to embed")
+
+    from sklearn.manifold import TSNE
+
+    points = np.concatenate([features[subset], centroids]).astype(np.float64)
+    dist = abs_cosine_distance(points)
+    tsne = TSNE(n_components=2, metric="precomputed", init="random", random_state=seed,
+                perplexity=tsne_perplexity(n_points))
+    emb = tsne.fit_transform(dist)
+    ex, cen = emb[:subset.size], emb[subset.size:]
+
+    fig, ax = plt.subplots(figsize=(5.6, 5.0))
+    if labels is None:
+        ax.scatter(ex[:, 0], ex[:, 1], s=6, c="tab:gray", alpha=0.6, linewidths=0,
+                   label="examples")
+    else:
+        sub_labels = labels[subset]
+        classes = np.unique(labels)
+        if classes.size <= 20:
+            cmap = plt.get_cmap("tab10" if classes.size <= 10 else "tab20")
+            for k, cls in enumerate(classes):
+                mask = sub_labels == cls
+                if mask.any():
+                    ax.scatter(ex[mask, 0], ex[mask, 1], s=6, color=cmap(k), alpha=0.7,
+                               linewidths=0, label=f"class {cls}")
+        else:
+            sc = ax.scatter(ex[:, 0], ex[:, 1], s=6, c=sub_labels, cmap="tab20", alpha=0.7,
+                            linewidths=0)
+            fig.colorbar(sc, ax=ax, label="label", shrink=0.8)
+    if selected is not None and selected.size:
+        where = np.searchsorted(subset, selected)  # every selected index is in the subset
+        ax.scatter(ex[where, 0], ex[where, 1], s=55, facecolors="none", edgecolors="red",
+                   linewidths=1.3, zorder=4, label="selected (meta)")
+    ax.scatter(cen[:, 0], cen[:, 1], marker="*", s=280, c="black", edgecolors="white",
+               linewidths=0.8, zorder=5, label="centroids")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel("t-SNE 1")
+    ax.set_ylabel("t-SNE 2")
+    shown = f"{subset.size} of {n}" if subset.size < n else f"{n}"
+    ax.set_title((f"{title}\n" if title else "") + f"t-SNE (1 - |cos|) of {shown} examples, "
+                 f"{m} centroids", fontsize=9)
+    n_entries = len(ax.get_legend_handles_labels()[1])
+    ax.legend(fontsize=7, loc="best", ncol=2 if n_entries > 8 else 1)
     return _save_atomic(fig, path)

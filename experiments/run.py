@@ -50,7 +50,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def list_presets() -> str:
     lines = []
     for name, preset in PRESETS.items():
-        lines.append(f"{name:12s} ~{preset.minutes:g} min  {preset.description}")
+        time = "accelerator" if preset.minutes is None else f"~{preset.minutes:g} min"
+        lines.append(f"{name:21s} {time:>11s}  {preset.description}")
     return "\n".join(lines)
 
 
@@ -74,6 +75,10 @@ def resolve(args: argparse.Namespace):
     if cfg.model not in MODELS:
         raise ValueError(f"--model must be one of {sorted(MODELS)}, got {cfg.model!r}")
     cfg.validate()
+    if preset.sweep is not None and getattr(args, preset.sweep[0], None) is not None:
+        raise ValueError(f"--{preset.sweep[0].replace('_', '-')} conflicts with preset "
+                         f"{args.preset!r}, which sweeps {preset.sweep[0]} over "
+                         f"{list(preset.sweep[1])}")
     methods = preset.methods if args.methods is None else tuple(
         m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in METHODS]
@@ -104,35 +109,104 @@ def check_out(out: str) -> None:
         raise ValueError(f"--out {out!r} is not a writable directory: {err}") from None
 
 
-def summarise(rows: list[dict], methods: Sequence[str]) -> str:
-    """Markdown table: mean +- std per method of test accuracy and weight AUC."""
-    def stat(values):
-        values = [v for v in values if v is not None]
-        if not values:
-            return "-"
-        values = np.asarray(values, float) * 100
-        return f"{values.mean():.2f} ± {values.std():.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+def _stat(values, scale: float = 100.0) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    values = np.asarray(values, float) * scale
+    return f"{values.mean():.2f} ± {values.std():.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
-    lines = ["| method | seeds | test accuracy (%) | weight AUC (x100) | selection s | train s |",
-             "|---|---|---|---|---|---|"]
+
+def summarise(rows: list[dict], methods: Sequence[str]) -> str:
+    """Markdown table: mean +- std per method of test accuracy and weight AUC (all examples and
+    the ones nearest the decision boundary)."""
+    lines = ["| method | seeds | test accuracy (%) | weight AUC (x100) | boundary AUC (x100) | "
+             "selection s | train s |", "|---|---|---|---|---|---|---|"]
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
         if not mine:
             continue
         lines.append(
-            f"| {m} | {len(mine)} | {stat([r['test_accuracy'] for r in mine])} | "
-            f"{stat([r['weight_auc'] for r in mine])} | "
+            f"| {m} | {len(mine)} | {_stat([r['test_accuracy'] for r in mine])} | "
+            f"{_stat([r['weight_auc'] for r in mine])} | "
+            f"{_stat([r.get('weight_auc_boundary') for r in mine])} | "
             f"{np.mean([r['selection_seconds'] for r in mine]):.1f} | "
             f"{np.mean([r['train_seconds'] for r in mine]):.1f} |")
     return "\n".join(lines) + "\n"
 
 
+def summarise_rounds(rows: list[dict], methods: Sequence[str]) -> str:
+    """Test accuracy (%) per method after each selection round, by meta-set size."""
+    counts = sorted({c for r in rows for c in r.get("round_meta_count", [])})
+    if len(counts) < 2:
+        return ""
+    lines = ["| method | " + " | ".join(f"{c} meta" for c in counts) + " |",
+             "|---|" + "---|" * len(counts)]
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m and r.get("round_meta_count")]
+        if not mine:
+            continue
+        cells = [_stat([dict(zip(r["round_meta_count"], r["round_test_accuracy"])).get(c)
+                        for r in mine]) for c in counts]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summarise_theorems(rows: list[dict]) -> str:
+    """Theorem 1's ``D_j`` statistics and Theorem 2's stable counts (rows with diagnostics)."""
+    mine = [r for r in rows if r.get("d_min")]
+    if not mine:
+        return ""
+
+    def first(r, name):  # the first selection round's value
+        return r[name][0]
+
+    def cell(name, scale=1.0):
+        values = [first(r, name) for r in mine]
+        if any(np.isinf(values)):
+            finite = [v for v in values if np.isfinite(v)]
+            return f"inf in {len(values) - len(finite)} of {len(values)} seeds" + (
+                f"; finite: {_stat(finite, scale)}" if finite else "")
+        return _stat(values, scale)
+
+    lines = ["| statistic (RBC, first selection; mean ± std over seeds) | label-free features "
+             "(what RBC clusters) | label-aware features |", "|---|---|---|",
+             f"| seeds | {len(mine)} | |"]
+    for title, name, scale in (("minimum D_j (Theorem 1's D)", "min", 1.0),
+                               ("5%-quantile of D_j", "q05", 1.0),
+                               ("median D_j", "median", 1.0),
+                               ("examples with D_j = inf (%)", "inf_fraction", 100.0)):
+        lines.append(f"| {title} | {cell('d_' + name, scale)} | "
+                     f"{cell('d_aware_' + name, scale)} |")
+    lines += [f"| stable examples (Theorem 2) | {cell('stable_count')} | |",
+              f"| candidates clustered | {cell('candidate_count')} | |",
+              f"| stable fraction (%) | "
+              f"{_stat([first(r, 'stable_count') / first(r, 'candidate_count') for r in mine])} | |"]
+    return "\n".join(lines) + "\n"
+
+
+def summarise_sweep(rows_by_label: dict, methods: Sequence[str], field: str) -> str:
+    """Test accuracy (%) per method (rows) and sweep value (columns)."""
+    labels = list(rows_by_label)
+    lines = [f"| method | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for m in methods:
+        cells = [_stat([r["test_accuracy"] for r in rows_by_label[lab] if r["method"] == m])
+                 for lab in labels]
+        if all(c == "-" for c in cells):
+            continue
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return f"Test accuracy (%) by {field}:\n\n" + "\n".join(lines) + "\n"
+
+
 def run(cfg: ExperimentConfig, methods: Sequence[str], seeds: int, out: str,
-        plot: Optional[str] = None) -> list[dict]:
+        plot: Optional[str] = None, outcomes: Optional[dict] = None) -> list[dict]:
     """Run (or resume) every method for seeds ``0..seeds-1``; returns this config's rows.
 
-    After the table: ``OUT/methods.png`` (accuracy per method) and, with ``plot="fig1"``,
-    ``OUT/fig1.png`` (seed 0's decision regions, see :mod:`experiments.plots`).
+    Rows are appended to ``OUT/results.jsonl``; each training run checkpoints under
+    ``OUT/work``. The warm-up of a seed lives under a key of the fields that shape it
+    (:func:`experiments.pipeline.warmup_config`), so configs that differ only after the
+    warm-up (e.g. the number of snapshots K) share it. ``outcomes``: filled with seed 0's final
+    :class:`~experiments.pipeline.TrainOutcome` per method (for the figures).
     """
     from experiments import pipeline  # jax-heavy import only when running
 
@@ -141,7 +215,7 @@ def run(cfg: ExperimentConfig, methods: Sequence[str], seeds: int, out: str,
     results = os.path.join(out, "results.jsonl")
     done = {(r["method"], r["seed"]) for r in checkpoint.read_jsonl(results)
             if r.get("config_id") == cid}
-    outcomes: dict = {}  # seed 0's final TrainOutcome per method, for plot="fig1"
+    outcomes = {} if outcomes is None else outcomes
     for seed in range(seeds):
         todo = [m for m in methods if (m, seed) not in done]
         if not todo:
@@ -155,7 +229,7 @@ def run(cfg: ExperimentConfig, methods: Sequence[str], seeds: int, out: str,
         warm = None
         for method in todo:
             if method != "base" and warm is None:
-                warm = pipeline.warmup_run(problem, model, cfg, seed, work)
+                warm = pipeline.warmup_run(problem, model, cfg, seed, warmup_dir(out, cfg, seed))
             t0 = time.perf_counter()
             row, outcome = pipeline.run_method(method, problem, model, cfg, seed, work, warm,
                                                return_outcome=True)
@@ -164,36 +238,136 @@ def run(cfg: ExperimentConfig, methods: Sequence[str], seeds: int, out: str,
             row.update(seed=seed, dataset=cfg.dataset, noise=cfg.noise, rate=cfg.rate,
                        imbalance=cfg.imbalance, model=cfg.model, budget=cfg.budget,
                        warmup=cfg.warmup, realised_noise_rate=problem.noise_rate,
-                       config_id=cid, config=dataclasses.asdict(cfg),
-                       wall_seconds=time.perf_counter() - t0)
+                       num_snapshots=cfg.num_snapshots, config_id=cid,
+                       config=dataclasses.asdict(cfg), wall_seconds=time.perf_counter() - t0)
             checkpoint.append_jsonl(results, row)
             print(f"seed {seed} {method:10s} test acc {100 * row['test_accuracy']:.2f}%  "
                   f"weight AUC {row['weight_auc'] if row['weight_auc'] is None else round(row['weight_auc'], 3)}",
                   flush=True)
-    rows = [r for r in checkpoint.read_jsonl(results) if r.get("config_id") == cid]
-    table = summarise(rows, methods)
+    return [r for r in checkpoint.read_jsonl(results) if r.get("config_id") == cid]
+
+
+def warmup_dir(out: str, cfg: ExperimentConfig, seed: int) -> str:
+    from experiments.pipeline import warmup_config
+
+    return os.path.join(out, "work", f"warmup-{config_id(warmup_config(cfg))}", f"seed{seed}")
+
+
+def sweep_configs(cfg: ExperimentConfig, sweep) -> list[tuple[str, ExperimentConfig]]:
+    """``[(label, config)]``: one per value of the preset's swept field (or just ``cfg``)."""
+    if sweep is None:
+        return [("", cfg)]
+    name, values = sweep
+    configs = [(f"{name}={v}", dataclasses.replace(cfg, **{name: v})) for v in values]
+    for _, c in configs:
+        c.validate()
+    return configs
+
+
+def run_all(configs: list, methods: Sequence[str], seeds: int, out: str, *,
+            sweep=None, plot: Optional[str] = None) -> dict:
+    """Every config of a preset, then ``OUT/table.md`` and the figures; ``{label: rows}``."""
+    rows_by_label, outcomes = {}, {}
+    for label, cfg in configs:
+        if label:
+            print(f"== {label}", flush=True)
+        outcomes[label] = {}
+        rows_by_label[label] = run(cfg, methods, seeds, out, outcomes=outcomes[label])
+    parts = []
+    for label, cfg in configs:
+        rows = rows_by_label[label]
+        parts.append((f"### {label}\n\n" if label else "") + summarise(rows, methods))
+        for extra in (summarise_rounds(rows, methods), summarise_theorems(rows)):
+            if extra:
+                parts.append(extra)
+    if sweep is not None:
+        parts.append(summarise_sweep(rows_by_label, methods, sweep[0]))
+    table = "\n".join(parts)
     checkpoint.write_text_atomic(os.path.join(out, "table.md"), table)
     print(table)
-    write_plots(cfg, methods, out, rows, plot, outcomes)
-    return rows
+    write_plots(configs, methods, out, rows_by_label, plot, outcomes, sweep)
+    return rows_by_label
 
 
-def write_plots(cfg: ExperimentConfig, methods: Sequence[str], out: str, rows: list[dict],
-                plot: Optional[str], outcomes: dict) -> None:
-    """``OUT/methods.png`` always; ``OUT/fig1.png`` when ``plot == "fig1"``."""
-    from experiments import pipeline, plots
+def write_plots(configs: list, methods: Sequence[str], out: str, rows_by_label: dict,
+                plot: Optional[str], outcomes: dict, sweep=None) -> None:
+    """``OUT/methods.png`` (``methods-LABEL.png`` per swept value) and the preset's figure:
+    ``fig1.png``, ``fig3.png`` (accuracy vs the swept noise rate), ``rounds.png`` (accuracy
+    per round) or ``fig4.png`` (t-SNE of seed 0's RBC features and centroids)."""
+    from experiments import plots
 
-    plots.plot_method_bars(rows, os.path.join(out, "methods.png"),
-                           title=f"{cfg.dataset}, {cfg.noise} {cfg.rate:g}, budget {cfg.budget}")
-    print(f"wrote {os.path.join(out, 'methods.png')}")
+    for label, cfg in configs:
+        name = f"methods-{label}.png" if label else "methods.png"
+        plots.plot_method_bars(rows_by_label[label], os.path.join(out, name),
+                               title=f"{cfg.dataset}, {cfg.noise} {cfg.rate:g}, budget "
+                                     f"{cfg.budget}" + (f", {label}" if label else ""))
+        print(f"wrote {os.path.join(out, name)}")
     if plot is None:
         return
-    if plot != "fig1":
+    label, cfg = configs[0]
+    if plot == "fig1":
+        path = plot_fig1(cfg, methods, out, rows_by_label[label], outcomes[label])
+    elif plot == "fig3":
+        rows = [r for lab in rows_by_label for r in rows_by_label[lab]]
+        path = plots.plot_noise_curve(rows, os.path.join(out, "fig3.png"), x=sweep[0],
+                                      title=f"{cfg.dataset}, {cfg.noise} noise, budget "
+                                            f"{cfg.budget}")
+    elif plot == "table6":
+        rows = [r for r in rows_by_label[label] if r.get("round_meta_count")]
+        path = plots.plot_rounds(rows, os.path.join(out, "rounds.png"),
+                                 title=f"{cfg.dataset}, {cfg.noise} {cfg.rate:g}: "
+                                       f"{cfg.warmup} warm-up + {cfg.rounds} rounds")
+    elif plot == "fig4":
+        path = plot_fig4(cfg, out, rows_by_label[label])
+    else:
         raise ValueError(f"unknown plot {plot!r}")
+    if path:
+        print(f"wrote {path}")
+
+
+def plot_fig4(cfg: ExperimentConfig, out: str, rows: list[dict]) -> Optional[str]:
+    """t-SNE of seed 0's RBC features (the snapshots its selection used), with the weighted
+    K-means centroids of the candidates and the selected examples circled."""
+    import jax
+
+    import pivotal
+    from experiments import pipeline, plots
+    from pivotal.selection import remaining_candidates
+
+    row = next((r for r in rows if r["method"] == "rbc" and r["seed"] == 0), None)
+    if row is None:
+        print("fig4.png skipped: no rbc row for seed 0", file=sys.stderr)
+        return None
+    problem = pipeline.make_problem(cfg, 0)
+    model = pipeline.build_model(cfg, problem)
+    meta0, warm = pipeline.warmup_run(problem, model, cfg, 0, warmup_dir(out, cfg, 0))
+    # The same keys as run_method's first selection round.
+    k_sel = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), 4), 0)
+    k_feat, k_means = jax.random.split(k_sel)
+    feats = pipeline.selection_features("rbc", problem, model, warm, cfg, k_feat)
+    candidates = remaining_candidates(feats, existing=meta0,
+                                              exclude_fraction=cfg.exclude_fraction)
+    selected = np.asarray(row["meta_indices"][len(meta0):len(meta0) + cfg.budget - cfg.warmup])
+    result = pivotal.weighted_spherical_kmeans(feats[candidates], len(selected), k_means,
+                                               max_iters=cfg.kmeans_iters)
+    where = {int(c): i for i, c in enumerate(candidates)}
+    return plots.plot_tsne(np.asarray(feats[candidates]), np.asarray(result.centroids),
+                           os.path.join(out, "fig4.png"), labels=problem.y_clean[candidates],
+                           selected=np.asarray([where[int(s)] for s in selected if int(s) in where]),
+                           title=f"RBC features of {cfg.dataset} (seed 0, true labels), "
+                                 f"{len(selected)} weighted K-means centroids (stars), "
+                                 f"selected examples circled")
+
+
+def plot_fig1(cfg: ExperimentConfig, methods: Sequence[str], out: str, rows: list[dict],
+              outcomes: dict) -> Optional[str]:
+    """Seed 0's decision regions and meta examples on the 2-D toy set (the paper's Fig. 1)."""
+    from experiments import pipeline, plots
+
     problem = pipeline.make_problem(cfg, 0)
     if tuple(problem.input_shape) != (2,) or problem.num_classes != 2:
         print(f"fig1.png skipped: {cfg.dataset} is not a 2-D two-class set", file=sys.stderr)
-        return
+        return None
     model = pipeline.build_model(cfg, problem)
     work = os.path.join(out, "work", config_id(cfg), "seed0")
     drawn = [m for m in plots.FIG1_METHODS if m in methods]
@@ -201,18 +375,17 @@ def write_plots(cfg: ExperimentConfig, methods: Sequence[str], out: str, rows: l
     for method in drawn:
         row = next(r for r in rows if r["method"] == method and r["seed"] == 0)
         if method not in outcomes:  # a resumed run: reload from the checkpoints in work/
-            warm = pipeline.warmup_run(problem, model, cfg, 0, work)
+            warm = pipeline.warmup_run(problem, model, cfg, 0, warmup_dir(out, cfg, 0))
             _, outcomes[method] = pipeline.run_method(method, problem, model, cfg, 0, work,
                                                       warm, return_outcome=True)
         results.append((row, outcomes[method]))
     clean = plots.train_clean_classifier(problem, cfg, seed=0)
-    path = plots.plot_fig1(problem, results, os.path.join(out, "fig1.png"), methods=drawn,
+    return plots.plot_fig1(problem, results, os.path.join(out, "fig1.png"), methods=drawn,
                            predict=model.predict, clean=clean,
                            title=f"toy, {cfg.noise} noise {cfg.rate:g}, {cfg.budget} meta "
                                  f"examples ({cfg.warmup} random + {cfg.budget - cfg.warmup} "
                                  f"selected), seed 0; clean-data classifier test acc "
                                  f"{100 * clean.test_accuracy:.1f}%")
-    print(f"wrote {path}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -222,11 +395,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     try:
         cfg, methods, seeds = resolve(args)
+        configs = sweep_configs(cfg, get_preset(args.preset).sweep)
         check_out(args.out)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run(cfg, methods, seeds, args.out, plot=get_preset(args.preset).plot)
+    preset = get_preset(args.preset)
+    run_all(configs, methods, seeds, args.out, sweep=preset.sweep, plot=preset.plot)
     return 0
 
 
