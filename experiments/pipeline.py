@@ -347,7 +347,9 @@ def train_meta(
         track["epoch"] = np.int64(epoch + 1)
         bar.set_postfix(val=f"{val:.3f}", best=f"{float(track['best_val']):.3f}")
         if manager is not None:
-            if keep_snapshots and (cfg.snapshot_every is None
+            # Every ``snapshot_every``-th epoch, and always the last one (a run shorter
+            # than ``snapshot_every`` still has a snapshot to select from).
+            if keep_snapshots and (cfg.snapshot_every is None or epoch == epochs - 1
                                    or (epoch + 1) % cfg.snapshot_every == 0):
                 manager.save_snapshot(epoch, state.params, state.model_state)
             manager.save(epoch + 1, {"state": state, "best": best, "track": track})

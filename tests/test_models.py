@@ -1,5 +1,6 @@
 """Flax models: shapes, the paper's architectures, the head convention, BatchNorm state."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from experiments.models import (
+    margin_distance_fn,
     MLP,
     MODELS,
     apply_in_chunks,
@@ -242,3 +244,40 @@ def test_lenet_pooling_equals_flax_max_pool():
 
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 24, 24, 6))
     np.testing.assert_array_equal(_max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+
+
+class _Linear(nn.Module):
+    """logits = W x + b, with the ``train`` keyword the experiment models take."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(4)(x.reshape(x.shape[0], -1))
+
+
+def test_margin_distance_is_exact_for_a_linear_model():
+    # For z = W x + b the first-order margin is the exact Euclidean distance to the boundary
+    # between the top two classes: (z_i - z_j) / ||w_i - w_j||.
+    jax.config.update("jax_enable_x64", True)
+    try:
+        module = _Linear()
+        x = jax.random.normal(jax.random.PRNGKey(0), (64, 3, 2), jnp.float64)
+        params = module.init(jax.random.PRNGKey(1), x)["params"]
+        distance = margin_distance_fn(module, has_state=False)(params, None, x)
+        z = module.apply({"params": params}, x)
+        order = np.argsort(-np.asarray(z), axis=1)
+        i, j = order[:, 0], order[:, 1]
+        W = np.asarray(params["Dense_0"]["kernel"])  # (6, 4)
+        rows = np.arange(len(x))
+        expected = (np.asarray(z)[rows, i] - np.asarray(z)[rows, j]) / np.linalg.norm(
+            W[:, i] - W[:, j], axis=0)
+        chex.assert_shape(distance, (64,))
+        np.testing.assert_allclose(np.asarray(distance), expected, rtol=1e-6)
+        assert np.all(np.asarray(distance) >= 0)
+        # Moving x by the distance along the normal lands on the boundary.
+        k = 5
+        normal = (W[:, i[k]] - W[:, j[k]]) / np.linalg.norm(W[:, i[k]] - W[:, j[k]])
+        moved = np.asarray(x[k]).reshape(-1) - float(distance[k]) * normal
+        zk = module.apply({"params": params}, moved.reshape(1, 3, 2))[0]
+        np.testing.assert_allclose(zk[i[k]], zk[j[k]], atol=1e-6)
+    finally:
+        jax.config.update("jax_enable_x64", False)

@@ -1,0 +1,108 @@
+"""Presets: every one validates, states its time, and the -full ones start on tfds mock data."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import pipeline, run
+from experiments.presets import PRESETS
+
+FULL = [name for name in PRESETS if name.endswith("-full")]
+EMBEDDED = [name for name in PRESETS if name not in FULL]
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_validates(name):
+    preset = PRESETS[name]
+    configs = run.sweep_configs(preset.config, preset.sweep)
+    assert configs and preset.seeds >= 1 and preset.description
+    assert set(preset.methods) <= set(pipeline.METHODS)
+    for _, cfg in configs:
+        cfg.validate()
+
+
+@pytest.mark.parametrize("name", EMBEDDED)
+def test_embedded_presets_state_at_most_30_minutes(name):
+    preset = PRESETS[name]
+    assert preset.minutes is not None and 0 < preset.minutes <= 30
+    assert preset.config.dataset in ("mnist5k", "digits", "toy")
+    if name not in ("default", "smoke", "fig4"):
+        assert preset.seeds >= 5  # docs/RESULTS.md reports mean +- std over >= 5 seeds
+
+
+def test_full_presets_carry_the_papers_hyper_parameters():
+    mnist = PRESETS["table1-full"].config
+    assert (mnist.dataset, mnist.model, mnist.lr, mnist.momentum, mnist.batch_size) == (
+        "mnist", "lenet5", 0.1, 0.0, 4096)
+    assert (mnist.budget, mnist.warmup, mnist.noise, mnist.rate) == (20, 10, "adversarial", 0.6)
+    for name, dataset, budget, warmup in (("table1-cifar10-full", "cifar10", 50, 10),
+                                          ("table1-cifar100-full", "cifar100", 200, 50),
+                                          ("table2-cifar10-full", "cifar10", 50, 10),
+                                          ("table2-cifar100-full", "cifar100", 200, 50)):
+        cfg = PRESETS[name].config
+        assert PRESETS[name].minutes is None
+        assert (cfg.dataset, cfg.model, cfg.budget, cfg.warmup) == (dataset, "resnet34", budget,
+                                                                   warmup)
+        assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size) == (0.1, 0.8, 5e-4, 128)
+        assert (tuple(cfg.lr_milestones), cfg.epochs, cfg.warmup_epochs) == ((80, 90), 100, 100)
+        assert cfg.augment and cfg.snapshot_every == 20 and cfg.num_snapshots == 5
+        assert cfg.gbc_layers == 5 and cfg.kmeans_iters == 200
+        if name.startswith("table2"):
+            assert (cfg.noise, cfg.imbalance) == ("none", 200.0) and cfg.label_aware
+        else:
+            assert PRESETS[name].sweep == ("noise", ("uniform", "adversarial"))
+
+
+def test_sweep_flag_conflict_is_an_error(capsys, tmp_path):
+    assert run.main(["--preset", "fig3", "--rate", "0.5", "--out", str(tmp_path)]) == 2
+    assert "--rate conflicts with preset 'fig3'" in capsys.readouterr().err
+
+
+def test_list_presets_shows_time_and_description(capsys):
+    assert run.main(["--list-presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(PRESETS)
+    for name, line in zip(PRESETS, lines):
+        assert line.startswith(name)
+        assert ("accelerator" in line) == (name in FULL)
+
+
+def _rows(out):
+    with open(os.path.join(out, "results.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_mnist_full_preset_starts_on_mock_data(tmp_path):
+    # The paper's MNIST settings (LeNet-5, batch 4096, snapshots every 20 epochs) end to end
+    # for one epoch on tfds mock data: data_source loading, warm-up, RBC selection, final run.
+    tfds = pytest.importorskip("tensorflow_datasets")
+    out = str(tmp_path)
+    with tfds.testing.mock_data(num_examples=120):
+        code = run.main(["--preset", "table1-full", "--seeds", "1", "--epochs", "1",
+                         "--methods", "random,rbc", "--out", out])
+    assert code == 0
+    rows = _rows(out)
+    assert [r["method"] for r in rows] == ["random", "rbc"]
+    assert all(r["dataset"] == "mnist" and len(r["meta_indices"]) == 20 for r in rows)
+    assert rows[1]["config"]["batch_size"] == 4096 and rows[1]["snapshot_epochs"] == [[0]]
+
+
+def test_cifar_full_preset_trains_resnet34_on_mock_data():
+    # ResNet-34 at the paper's CIFAR settings: one warm-up step of meta re-weighting (with
+    # augmentation, weight decay, the step schedule) on tfds mock data.
+    tfds = pytest.importorskip("tensorflow_datasets")
+    cfg = PRESETS["table1-cifar10-full"].config
+    cfg = run.sweep_configs(cfg, PRESETS["table1-cifar10-full"].sweep)[1][1]
+    assert cfg.noise == "adversarial"
+    with tfds.testing.mock_data(num_examples=150):
+        problem = pipeline.make_problem(cfg, seed=0)
+    assert problem.input_shape == (32, 32, 3) and problem.num_classes == 10
+    model = pipeline.build_model(cfg, problem)
+    import jax
+
+    outcome = pipeline.train_meta(problem, model, cfg, jax.random.PRNGKey(0),
+                                  meta_indices=np.arange(cfg.warmup), epochs=1)
+    assert outcome.num_epochs == 1 and 0.0 <= outcome.test_accuracy <= 1.0
+    assert outcome.weights is not None and np.all(np.isfinite(outcome.weights))
