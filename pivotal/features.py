@@ -34,6 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from pivotal.reweight import leading_size
+from pivotal.sharding import (
+    example_placement,
+    example_sharding,
+    num_shards,
+    per_shard,
+    place_examples,
+    replicate,
+)
 
 __all__ = [
     "RECOMMENDED_CHUNK_SIZE",
@@ -59,11 +67,16 @@ LossFn = Callable[[PyTree, PyTree], jax.Array]
 # ---------------------------------------------------------------------------
 
 
-def _concrete(x) -> np.ndarray | None:
-    """Host copy of ``x``, or None when ``x`` is a tracer (value checks are skipped under jit)."""
-    if isinstance(x, jax.core.Tracer):
+_min_max = jax.jit(lambda x: (jnp.min(x), jnp.max(x)))
+
+
+def _value_range(x) -> tuple[int, int] | None:
+    """``(min, max)`` of a non-empty integer ``x``, or None for a tracer (value checks are skipped
+    under jit) or an empty array. Reduced on the device(s): only two scalars reach the host, so
+    it also works on arrays sharded over several processes."""
+    if isinstance(x, jax.core.Tracer) or not np.size(x):
         return None
-    return np.asarray(x)
+    return tuple(int(v) for v in jax.device_get(_min_max(x)))
 
 
 def _check_finite(name: str, x) -> None:
@@ -171,10 +184,10 @@ def rbc_features(
             raise ValueError(f"`labels` must have shape (N,) = ({n},); got shape {jnp.shape(labels)}.")
         if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
             raise TypeError(f"`labels` must be integers; got dtype {jnp.result_type(labels)}.")
-        value = _concrete(labels)
-        if value is not None and value.size and (value.min() < 0 or value.max() >= num_classes):
+        bounds = _value_range(labels)
+        if bounds is not None and (bounds[0] < 0 or bounds[1] >= num_classes):
             raise ValueError(
-                f"`labels` must lie in [0, C) = [0, {num_classes}); got values in [{value.min()}, {value.max()}]."
+                f"`labels` must lie in [0, C) = [0, {num_classes}); got values in [{bounds[0]}, {bounds[1]}]."
             )
         a = a - jax.nn.one_hot(labels, num_classes, dtype=a.dtype)
 
@@ -285,18 +298,40 @@ def _run_chunks(step: Callable, init: PyTree, starts: list[int], traced: bool) -
     return jax.lax.fori_loop(0, len(starts), lambda i, state: step(state, starts_arr[i]), init)
 
 
-def _chunked_rows(chunk_fn: Callable, batch: PyTree, chunk_size: int | None, step_fn: Callable, params: PyTree) -> PyTree:
-    """Rows ``chunk_fn(chunk)`` for all examples, written chunk by chunk into a preallocated output.
+def _placed(batch: PyTree, params: PyTree):
+    """``(placement, batch, params)``: where the rows of ``batch`` live (None: one device, or
+    under a trace), with the batch's other leaves moved there and ``params`` replicated."""
+    placement = None if _is_traced(batch, params) else example_placement(batch)
+    if placement is None:
+        return None, batch, params
+    return placement, place_examples(batch, placement), replicate(params, placement[0])
 
-    ``step_fn(out, start, batch)`` must compute ``chunk_fn`` on the rows
-    ``start : start + c`` and write them into ``out`` (jitted with ``out`` donated).
+
+def _zeros_rows(n: int, row_shapes: PyTree, placement) -> PyTree:
+    """Preallocated ``(n, ...)`` outputs, example-sharded like the batch when ``placement`` is given."""
+    device = None if placement is None else example_sharding(*placement)
+    return jax.tree_util.tree_map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype, device=device), row_shapes)
+
+
+def _chunked_rows(chunk_fn: Callable, batch: PyTree, chunk_size: int | None, step_fn: Callable, params: PyTree) -> PyTree:
+    """Rows ``chunk_fn(params, chunk)`` for all examples, written chunk by chunk into a preallocated output.
+
+    ``step_fn(out, start, params, batch, size, placement)`` must compute ``chunk_fn`` on the rows
+    ``start : start + size`` and write them into ``out`` (jitted with ``out`` donated), per shard
+    when ``placement`` is given (:func:`pivotal.sharding.per_shard`).
+
+    On an example-sharded batch every device runs the chunk loop over its own rows (the chunk
+    starts are those of one shard: all shards have the same size), and the output is sharded
+    the same way: no row leaves its device.
     """
+    placement, batch, params = _placed(batch, params)
     n = jax.tree_util.tree_leaves(batch)[0].shape[0]
-    c, starts = _chunk_starts(n, chunk_size)
-    row_shapes = jax.eval_shape(chunk_fn, _slice_rows(batch, 0, c))
-    traced = _is_traced(batch, params)
-    out = jax.tree_util.tree_map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype), row_shapes)
-    return _run_chunks(lambda state, start: step_fn(state, start, batch, c), out, starts, traced)
+    shards = 1 if placement is None else num_shards(placement)
+    c, starts = _chunk_starts(n // shards, chunk_size)
+    row_shapes = jax.eval_shape(lambda p, b: chunk_fn(p, _slice_rows(b, 0, c)), params, batch)
+    out = _zeros_rows(n, row_shapes, placement)
+    return _run_chunks(lambda state, start: step_fn(state, start, params, batch, c, placement), out, starts,
+                       _is_traced(batch, params))
 
 
 def _grads_chunk(loss_fn, params, chunk, strategy):
@@ -304,9 +339,13 @@ def _grads_chunk(loss_fn, params, chunk, strategy):
     return _map_examples(lambda example: grad_one(params, example), chunk, strategy)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "size", "strategy"), donate_argnums=(0,))
-def _grads_step(out, start, params, batch, loss_fn, size, strategy):
-    return _write_rows(out, _grads_chunk(loss_fn, params, _slice_rows(batch, start, size), strategy), start)
+@functools.partial(jax.jit, static_argnames=("loss_fn", "size", "strategy", "placement"), donate_argnums=(0,))
+def _grads_step(out, start, params, batch, loss_fn, size, strategy, placement=None):
+    def write(out, start, params, batch):
+        chunk = _slice_rows(batch, start, size)
+        return _write_rows(out, _grads_chunk(loss_fn, params, chunk, strategy), start)
+
+    return per_shard(write, placement, (True, False, False, True), True)(out, start, params, batch)
 
 
 def per_example_grads(
@@ -339,7 +378,13 @@ def per_example_grads(
       slowly; ``"map"`` keeps ordinary convolutions. Use it with small chunks (4-32).
 
     Computations are jit-compiled and cached on ``(loss_fn, chunk size, strategy)``: pass
-    the same ``loss_fn`` object across calls to avoid recompiling. Called on concrete
+    the same ``loss_fn`` object across calls to avoid recompiling.
+
+    Sharded: when ``batch`` is split over devices on its example axis (see
+    :func:`pivotal.sharding.shard_examples`), every device runs the chunk loop over its own
+    rows (``shard_map``; ``params`` are replicated): memory per device is its share of the
+    output plus one chunk, nothing crosses devices, and the gradients come back sharded the
+    same way. Same values as on one device. Called on concrete
     arrays, the chunks are driven from Python (one dispatch per chunk); under
     ``jax.jit`` by a ``lax.fori_loop``.
 
@@ -359,10 +404,10 @@ def per_example_grads(
     _check_loss_fn(loss_fn, params, batch)
     batch = jax.tree_util.tree_map(jnp.asarray, batch)
     return _chunked_rows(
-        lambda chunk: _grads_chunk(loss_fn, params, chunk, strategy),
+        lambda p, chunk: _grads_chunk(loss_fn, p, chunk, strategy),
         batch,
         chunk_size,
-        lambda out, start, b, c: _grads_step(out, start, params, b, loss_fn, c, strategy),
+        lambda out, start, p, b, c, placement: _grads_step(out, start, p, b, loss_fn, c, strategy, placement),
         params,
     )
 
@@ -437,22 +482,30 @@ def layer_groups_of(
     return groups
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "size"), donate_argnums=(0,))
-def _grad_of_sum_step(total, start, skip, params, batch, loss_fn, size):
-    """``total + grad sum_{i >= skip} f_i`` over the rows ``start : start + size``."""
-    chunk = _slice_rows(batch, start, size)
-    keep = jnp.arange(size) >= skip
+@functools.partial(jax.jit, static_argnames=("loss_fn", "size", "placement"), donate_argnums=(0,))
+def _grad_of_sum_step(total, start, skip, params, batch, loss_fn, size, placement=None):
+    """``total + grad sum_{i >= skip} f_i`` over the rows ``start : start + size``.
 
-    def masked_sum(p):
-        losses = loss_fn(p, chunk)
-        return jnp.sum(jnp.where(keep, losses, jnp.zeros_like(losses)))
+    ``total`` leaves have a leading axis of one partial sum per shard (size 1 unsharded); with
+    ``placement`` each shard adds the gradient of its own rows to its own partial sum.
+    """
 
-    return jax.tree_util.tree_map(jnp.add, total, jax.grad(masked_sum)(params))
+    def add(total, start, skip, params, batch):
+        chunk = _slice_rows(batch, start, size)
+        keep = jnp.arange(size) >= skip
+
+        def masked_sum(p):
+            losses = loss_fn(p, chunk)
+            return jnp.sum(jnp.where(keep, losses, jnp.zeros_like(losses)))
+
+        return jax.tree_util.tree_map(lambda t, g: t + g[None], total, jax.grad(masked_sum)(params))
+
+    return per_shard(add, placement, (True, False, False, False, True), True)(total, start, skip, params, batch)
 
 
 @jax.jit
 def _sq_norms_of_mean(total, n):
-    return jnp.stack([jnp.sum(jnp.square(g / n)) for g in jax.tree_util.tree_leaves(total)])
+    return jnp.stack([jnp.sum(jnp.square(jnp.sum(g, axis=0) / n)) for g in jax.tree_util.tree_leaves(total)])
 
 
 def _leaf_sq_norms_of_mean_grad(loss_fn, params, batch, chunk_size):
@@ -461,17 +514,23 @@ def _leaf_sq_norms_of_mean_grad(loss_fn, params, batch, chunk_size):
     The mean gradient is one backward pass of the summed loss per chunk of
     ``chunk_size`` rows, accumulated in place; per-example gradients are never formed,
     and memory is O(chunk x activations). The last chunk is shifted back to end at N
-    and its rows already counted are masked out of the sum.
+    and its rows already counted are masked out of the sum. On an example-sharded
+    batch every device sums the gradients of its own rows' chunks; the partial sums are
+    added (all-reduced) once at the end.
     """
     batch = jax.tree_util.tree_map(jnp.asarray, batch)
+    placement, batch, params = _placed(batch, params)
     n = jax.tree_util.tree_leaves(batch)[0].shape[0]
-    c, starts = _chunk_starts(n, chunk_size)
+    shards = 1 if placement is None else num_shards(placement)
+    c, starts = _chunk_starts(n // shards, chunk_size)
     # Rows of the shifted last chunk that the previous chunk already covered.
     skips = {start: (starts[i - 1] + c - start if i and starts[i - 1] + c > start else 0)
              for i, start in enumerate(starts)}
     traced = _is_traced(params, batch)
     skip_arr = jnp.asarray([skips[s] for s in starts], dtype=jnp.int32)
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    # One partial sum per shard: (shards, *leaf) zeros, split over the devices like the rows.
+    shard_sum = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((1,) + jnp.shape(x), jnp.result_type(x)), params)
+    zeros = _zeros_rows(shards, shard_sum, placement)
     if traced:
         starts_arr = jnp.asarray(starts, dtype=jnp.int32)
         total = jax.lax.fori_loop(
@@ -481,7 +540,8 @@ def _leaf_sq_norms_of_mean_grad(loss_fn, params, batch, chunk_size):
     else:
         total = zeros
         for start in starts:
-            total = _grad_of_sum_step(total, np.int32(start), np.int32(skips[start]), params, batch, loss_fn, c)
+            total = _grad_of_sum_step(total, np.int32(start), np.int32(skips[start]), params, batch, loss_fn, c,
+                                      placement)
     return _sq_norms_of_mean(total, n)
 
 
@@ -516,21 +576,27 @@ def _selected_chunk(loss_fn, params, chunk, leaf_ids, leaf_scales, strategy):
     return _map_examples(feature_one, chunk, strategy)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "leaf_ids", "size", "strategy"), donate_argnums=(0,))
-def _selected_step(out, start, params, batch, leaf_scales, loss_fn, leaf_ids, size, strategy):
-    chunk = _slice_rows(batch, start, size)
-    return _write_rows(out, _selected_chunk(loss_fn, params, chunk, leaf_ids, leaf_scales, strategy), start)
+@functools.partial(jax.jit, static_argnames=("loss_fn", "leaf_ids", "size", "strategy", "placement"),
+                   donate_argnums=(0,))
+def _selected_step(out, start, params, batch, leaf_scales, loss_fn, leaf_ids, size, strategy, placement=None):
+    def write(out, start, params, batch, leaf_scales):
+        chunk = _slice_rows(batch, start, size)
+        return _write_rows(out, _selected_chunk(loss_fn, params, chunk, leaf_ids, leaf_scales, strategy), start)
+
+    return per_shard(write, placement, (True, False, False, True, False), True)(out, start, params, batch, leaf_scales)
 
 
 def _selected_leaf_features(loss_fn, params, batch, leaf_ids, leaf_scales, chunk_size, strategy="vmap"):
     """``(N, D)`` GBC features of the leaves ``leaf_ids``, chunk by chunk into a preallocated output."""
     batch = jax.tree_util.tree_map(jnp.asarray, batch)
+    # The scales travel with the parameters: replicated alongside them on a sharded batch.
     return _chunked_rows(
-        lambda chunk: _selected_chunk(loss_fn, params, chunk, leaf_ids, leaf_scales, strategy),
+        lambda p, chunk: _selected_chunk(loss_fn, p[0], chunk, leaf_ids, p[1], strategy),
         batch,
         chunk_size,
-        lambda out, start, b, c: _selected_step(out, start, params, b, leaf_scales, loss_fn, leaf_ids, c, strategy),
-        params,
+        lambda out, start, p, b, c, placement: _selected_step(out, start, p[0], b, p[1], loss_fn, leaf_ids, c,
+                                                              strategy, placement),
+        (params, leaf_scales),
     )
 
 
@@ -599,7 +665,9 @@ def gbc_features(
     ``importance_chunk_size`` rows, never from per-example gradients. Per-example
     gradients (see :func:`per_example_grads`, chunks of ``chunk_size``, ``strategy``)
     are then taken only w.r.t. the drawn layers' leaves. Layers with ``A_l = 0`` are
-    never drawn. Memory: the ``(N, D)`` output plus one chunk, whatever N.
+    never drawn. Memory: the ``(N, D)`` output plus one chunk, whatever N. On an
+    example-sharded ``batch`` both passes run per device over its own rows (the mean
+    gradient's partial sums are all-reduced once) and the features come back sharded.
 
     Subsampled importance (``importance_sample_size = m < N``): ``A_l`` is computed from
     the mean gradient over ``m`` rows drawn uniformly without replacement (with a key
@@ -882,17 +950,32 @@ def make_rbc_feature_fn(
 
     ``forward_fn(params, batch) -> (penultimate (B, D), logits (B, C))``. The forward
     pass runs in chunks of ``chunk_size`` examples (``lax.map``) to bound activation
-    memory; the key is ignored (RBC is deterministic).
+    memory; the key is ignored (RBC is deterministic). On an example-sharded ``batch``
+    the chunks run per shard, over each device's own rows, and the features come back
+    sharded the same way.
     """
     _check_positive_int("chunk_size", chunk_size, allow_none=True)
+
+    def chunked_forward(params, rows):
+        def one(example):
+            out = forward_fn(params, jax.tree_util.tree_map(lambda x: x[None], example))
+            return jax.tree_util.tree_map(lambda x: x[0], out)
+
+        return jax.lax.map(one, rows, batch_size=chunk_size)
+
+    placement = None if chunk_size is None or _is_traced(batch) else example_placement(batch)
+    rows = batch if placement is None else place_examples(batch, placement)
+    if placement is not None:
+        chunked_forward = jax.jit(per_shard(chunked_forward, placement, (False, True), (True, True)))
 
     def feature_fn(params, key=None):
         del key
         if chunk_size is None:
             h, z = forward_fn(params, batch)
         else:
-            one = lambda ex: jax.tree_util.tree_map(lambda x: x[0], forward_fn(params, jax.tree_util.tree_map(lambda x: x[None], ex)))
-            h, z = jax.lax.map(one, batch, batch_size=chunk_size)
+            if placement is not None and not _is_traced(params):
+                params = replicate(params, placement[0])
+            h, z = chunked_forward(params, rows)
         return rbc_features(h, z, labels, include_bias=include_bias)
 
     return feature_fn

@@ -35,6 +35,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pivotal.sharding import (
+    example_placement,
+    num_shards,
+    pad_examples,
+    per_shard,
+    place_examples,
+    replicate,
+)
+
 __all__ = [
     "KMeansResult",
     "weighted_spherical_kmeans",
@@ -221,18 +230,20 @@ def _assign_block(Gb, directions):
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("weighted", "block_size"))
-def _assign_clusters(G, centroids, *, weighted, block_size):
-    directions = _search_directions(centroids, weighted)
-    norms = _row_norms(G)
+@functools.partial(jax.jit, static_argnames=("weighted", "block_size", "placement"))
+def _assign_clusters(G, centroids, *, weighted, block_size, placement=None):
+    def local(G, centroids):
+        directions = _search_directions(centroids, weighted)
 
-    def fn(Gb, nb):
-        a, d = _assign_block(Gb, directions)
-        # |<G_j, dir_i>| / ||G_j|| is S1 for dir = C (weighted) and |cos| for dir = C / ||C||;
-        # zero rows have similarity 0.
-        return a, jnp.abs(d) / jnp.where(nb > 0, nb, 1)
+        def fn(Gb, nb):
+            a, d = _assign_block(Gb, directions)
+            # |<G_j, dir_i>| / ||G_j|| is S1 for dir = C (weighted) and |cos| for dir = C / ||C||;
+            # zero rows have similarity 0.
+            return a, jnp.abs(d) / jnp.where(nb > 0, nb, 1)
 
-    return _blocked_rows(fn, G, (norms,), block_size)
+        return _blocked_rows(fn, G, (_row_norms(G),), block_size)
+
+    return per_shard(local, placement, (True, False), (True, True))(G, centroids)
 
 
 def assign_clusters(G, centroids, *, weighted: bool = True, block_size: int = DEFAULT_BLOCK_SIZE):
@@ -243,6 +254,9 @@ def assign_clusters(G, centroids, *, weighted: bool = True, block_size: int = DE
       centroids: ``(M, D)`` float centroids (any vectors: cluster centroids or meta-sample features).
       weighted: ``True`` for S1, ``sim_ji = ||C_i|| |cos(G_j, C_i)|``; ``False`` for ``|cos(G_j, C_i)|``.
       block_size: rows per block; memory is ``O(block_size x M)`` besides the inputs.
+
+    Row-wise: on example-sharded ``G`` (see :func:`pivotal.sharding.example_placement`) every
+    device assigns its own rows and the outputs come back sharded the same way.
 
     Returns:
       ``(assignments (N,) int32, similarity (N,))`` with ``assignments[j] = argmax_i sim_ji``
@@ -259,7 +273,7 @@ def assign_clusters(G, centroids, *, weighted: bool = True, block_size: int = DE
     block_size = _check_block_size(block_size)
     dtype = jnp.result_type(G.dtype, centroids.dtype)
     return _assign_clusters(G.astype(dtype), centroids.astype(dtype), weighted=bool(weighted),
-                            block_size=block_size)
+                            block_size=block_size, placement=example_placement(G))
 
 
 def _member_weights(norms, signs, weighted: bool):
@@ -270,20 +284,24 @@ def _member_weights(norms, signs, weighted: bool):
     return jnp.where(nonzero, signs / jnp.where(nonzero, norms, 1), 0), nonzero.astype(norms.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("num_clusters", "weighted", "block_size"))
-def _cluster_centroids(G, assignments, reference, *, num_clusters, weighted, block_size):
-    norms = _row_norms(G)
-    if reference is None:
-        signs = jnp.ones_like(norms)
-    else:
-        def fn(Gb, ab):
-            d = jnp.sum(Gb * reference[ab], axis=1)
-            return jnp.where(d < 0, -1, 1).astype(G.dtype)
+@functools.partial(jax.jit, static_argnames=("num_clusters", "weighted", "block_size", "placement"))
+def _cluster_centroids(G, assignments, reference, *, num_clusters, weighted, block_size, placement=None):
+    def local(G, assignments, reference):
+        norms = _row_norms(G)
+        if reference is None:
+            signs = jnp.ones_like(norms)
+        else:
+            def fn(Gb, ab):
+                d = jnp.sum(Gb * reference[ab], axis=1)
+                return jnp.where(d < 0, -1, 1).astype(G.dtype)
 
-        signs = _blocked_rows(fn, G, (assignments,), block_size)
-    scale, mass = _member_weights(norms, signs, weighted)
-    num = _blocked_cluster_sums(G, assignments, scale, num_clusters, block_size)
-    den = jax.ops.segment_sum(mass, assignments, num_clusters)
+            signs = _blocked_rows(fn, G, (assignments,), block_size)
+        scale, mass = _member_weights(norms, signs, weighted)
+        sums = (_blocked_cluster_sums(G, assignments, scale, num_clusters, block_size),
+                jax.ops.segment_sum(mass, assignments, num_clusters))
+        return sums if placement is None else jax.lax.psum(sums, placement[1])
+
+    num, den = per_shard(local, placement, (True, True, False), (False, False))(G, assignments, reference)
     return num / jnp.where(den > 0, den, 1)[:, None]
 
 
@@ -298,6 +316,7 @@ def cluster_centroids(G, assignments, num_clusters: int, *, reference=None, weig
 
     Useful to carry clusters found in one feature space into another one (e.g. the label-aware
     counterpart of label-free clusters, see :func:`pivotal.diagnostics.stable_examples`).
+    On example-sharded ``G`` the sums run per shard and are all-reduced.
 
     Args:
       G: ``(N, D)`` features.
@@ -322,8 +341,11 @@ def cluster_centroids(G, assignments, num_clusters: int, *, reference=None, weig
             )
         reference = reference.astype(G.dtype)
     block_size = _check_block_size(block_size)
+    placement = example_placement(G)
+    if placement is not None:
+        assignments = place_examples(assignments, placement)
     return _cluster_centroids(G, assignments, reference, num_clusters=num_clusters,
-                              weighted=bool(weighted), block_size=block_size)
+                              weighted=bool(weighted), block_size=block_size, placement=placement)
 
 
 def _as_assignments(assignments, n: int, num_clusters: int) -> jax.Array:
@@ -356,7 +378,8 @@ def _draw(uniforms, weights):
     return jnp.minimum(idx, weights.shape[0] - 1)
 
 
-def seed_centroids(G, norms, key, num_seeds, *, capacity: int, weighted: bool, sample_size: int):
+def seed_centroids(G, norms, key, num_seeds, *, capacity: int, weighted: bool, sample_size: int,
+                   num_rows: int | None = None):
     """Greedy k-means++ in the sign-invariant (weighted) cosine geometry; seeds ``(capacity, D)``.
 
     The squared distance of G_j to the line through a unit seed u is ``||G_j||^2 (1 - cos^2)``.
@@ -369,8 +392,12 @@ def seed_centroids(G, norms, key, num_seeds, *, capacity: int, weighted: bool, s
     row is left off the chosen lines, the remaining seeds are zero vectors: they never win an
     assignment, so the empty-cluster restart drops them. Rows ``num_seeds..capacity-1``
     (``num_seeds`` may be traced) are zero as well.
+
+    ``num_rows`` (default: all rows) says that only the first ``num_rows`` rows are examples and
+    the rest zero padding (e.g. to a multiple of the device count): the random draws are then
+    those of ``G[:num_rows]``, and so are the seeds (zero rows have no weight).
     """
-    n = G.shape[0]
+    n = G.shape[0] if num_rows is None else num_rows
     trials = 2 + int(math.log(capacity))
     # All randomness from one draw: each jax.random call compiles its own copy of the PRNG.
     shuffle = n if sample_size < n else 0
@@ -416,15 +443,70 @@ def seed_centroids(G, norms, key, num_seeds, *, capacity: int, weighted: bool, s
 # ----------------------------------------------------------------------------------------------
 
 
+def lloyd_pass(G, norms, C, *, weighted: bool, block: int, with_sums: bool = True):
+    """One blocked pass of a Lloyd step over the rows of ``G`` under centroids ``C``.
+
+    The assignment (S1, or |cos| when ``weighted=False``) of every row and, with ``with_sums``,
+    the S2 numerator of those assignments, built in the same pass (one ``(M, B) x (B, D)``
+    product per block of ``block`` rows), so the data is read once. Used by every Lloyd loop of
+    the library: on all rows, per shard inside ``shard_map`` (the sums are then partial and
+    all-reduced by the caller) and per host block by :func:`pivotal.outofcore.kmeans_memmap`.
+
+    Args:
+      G: ``(n, D)`` rows; norms: ``(n,)`` their norms; C: ``(M, D)`` centroids.
+
+    Returns:
+      ``(assignments (n,) int32, signs (n,) = sign <G_j, C_{a_j}> (+1 on 0), objective, num)``
+      with ``objective = sum_j |<G_j, C_{a_j}>|`` and ``num (M, D) = sum_{j in i} scale_j G_j``
+      (zeros without ``with_sums``); ``scale_j`` as in :func:`_member_weights`.
+    """
+    n, dim = G.shape
+    m = C.shape[0]
+    dtype = G.dtype
+    block = min(block, n)
+    directions = _search_directions(C, weighted)
+    # |<G_j, C_i>| = |<G_j, C_i / ||C_i||>| ||C_i|| when the search directions are normalised.
+    obj_scale = jnp.ones((m,), dtype) if weighted else _row_norms(C)
+
+    def body(b, carry):
+        a_all, s_all, obj, num = carry
+        start = _block_start(b, n, block)
+        Gb = jax.lax.dynamic_slice_in_dim(G, start, block)
+        a, d = _assign_block(Gb, directions)
+        s = jnp.where(d < 0, -1, 1).astype(dtype)
+        # Rows already covered by the previous block must not be counted twice.
+        fresh = (start + jnp.arange(block)) >= b * block
+        obj = obj + jnp.sum(jnp.where(fresh, jnp.abs(d) * obj_scale[a], 0))
+        if with_sums:
+            scale, _ = _member_weights(jax.lax.dynamic_slice_in_dim(norms, start, block), s, weighted)
+            W = jax.nn.one_hot(a, m, dtype=dtype) * jnp.where(fresh, scale, 0)[:, None]
+            num = num + W.T @ Gb
+        a_all = jax.lax.dynamic_update_slice_in_dim(a_all, a, start, 0)
+        s_all = jax.lax.dynamic_update_slice_in_dim(s_all, s, start, 0)
+        return a_all, s_all, obj, num
+
+    init = (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), dtype), jnp.zeros((), dtype),
+            jnp.zeros((m, dim), dtype))
+    return jax.lax.fori_loop(0, _num_blocks(n, block), body, init)
+
+
+def cluster_mass(norms, assignments, signs, num_clusters: int, *, weighted: bool):
+    """``(den (M,), count (M,) int32)``: the S2 denominators and nonzero member counts."""
+    _, mass = _member_weights(norms, signs, weighted)
+    nonzero = (norms > 0).astype(jnp.int32)
+    return (jax.ops.segment_sum(mass, assignments, num_clusters),
+            jax.ops.segment_sum(nonzero, assignments, num_clusters))
+
+
 class _LoopState(NamedTuple):
     centroids: jax.Array  # (M, D) centroids used by the latest assignment
-    num: jax.Array  # (M, D) sum_{j in i} scale_j G_j for (assign, signs)
-    den: jax.Array  # (M,) sum_{j in i} mass_j
-    count: jax.Array  # (M,) int32 nonzero members
-    assign: jax.Array  # (N,) int32, -1 before the first step
-    signs: jax.Array  # (N,)
-    num_changed: jax.Array  # rows whose (cluster, sign) changed in the latest step
-    objective: jax.Array
+    num: jax.Array  # (M, D) sum_{j in i} scale_j G_j for (assign, signs), over this shard's rows
+    den: jax.Array  # (M,) sum_{j in i} mass_j, this shard's rows
+    count: jax.Array  # (M,) int32 nonzero members among this shard's rows
+    assign: jax.Array  # (n,) int32, -1 before the first step
+    signs: jax.Array  # (n,)
+    num_changed: jax.Array  # this shard's rows whose (cluster, sign) changed in the latest step
+    objective: jax.Array  # over all rows
     it: jax.Array
     done: jax.Array
 
@@ -440,69 +522,30 @@ def _sparse_tiers(n: int, block: int) -> tuple[int, ...]:
     return tuple(sorted({min(cap, max(1, n // k)) for k in divisors}))
 
 
-@functools.partial(
-    jax.jit, static_argnames=("capacity", "weighted", "block_size", "sparse_tiers", "seed_sample")
-)
-def _kmeans_single(G, key, num_clusters, max_iters, tol, init=None, *, capacity, weighted, block_size,
-                   sparse_tiers, seed_sample):
-    """One run of Algorithm 1; returns ``(centroids, assignments, objective, iters, member_counts)``.
+def _lloyd(G, norms, seeds, max_iters, tol, *, weighted, block_size, sparse_tiers, axis=None):
+    """Lloyd steps of Algorithm 1 from ``seeds`` until no row moves, the objective stalls or
+    ``max_iters``; returns ``(centroids, assignments, objective, iters, member_counts)``.
 
-    Shapes are those of ``capacity`` clusters, of which the first ``num_clusters`` (traced) are
-    used: the others have zero centroids, which never win an assignment. The empty-cluster
-    restarts therefore reuse one compiled program. ``init`` ``(capacity, D)``, when given, replaces
-    the k-means++ seeds.
+    ``G (n, D)`` and ``norms (n,)`` are all the rows or, inside ``jax.shard_map`` with ``axis``
+    the mesh axis of the rows, this shard's rows. The S2 sums of the local rows are kept between
+    steps; each step all-reduces (``psum`` over ``axis``; nothing without it) only the ``(M, D)``
+    numerators, ``(M,)`` denominators and member counts, the objective and the count of moved
+    rows, so every shard computes the same centroids and stops at the same step.
 
-    Each step is one blocked pass computing ``G_b C^T`` and the assignments. The S2 sums are kept
-    between steps and updated from the rows whose (cluster, sign) changed: a gather of those rows
-    and an ``(M, K) x (K, D)`` product. While many rows still move (the first few steps) the sums
-    are instead rebuilt inside the same pass, one ``(M, B) x (B, D)`` product per block, so the data
-    is read once per step either way.
+    Each step is one blocked pass computing ``G_b C^T`` and the assignments (:func:`lloyd_pass`).
+    The local sums are then updated from the rows whose (cluster, sign) changed: a gather of
+    those rows and an ``(M, K) x (K, D)`` product. While many rows still move (the first few
+    steps) the sums are instead rebuilt inside the same pass, one ``(M, B) x (B, D)`` product per
+    block, so the data is read once per step either way.
     """
     n, dim = G.shape
-    m = capacity
+    m = seeds.shape[0]
     dtype = G.dtype
     block = min(block_size, n)
-    norms = _row_norms(G)
     nonzero = norms > 0
-    nonzero_i = nonzero.astype(jnp.int32)
-    if init is None:
-        seeds = seed_centroids(G, norms, key, num_clusters, capacity=m, weighted=weighted,
-                                sample_size=seed_sample)
-    else:
-        seeds = jnp.where((jnp.arange(m) < num_clusters)[:, None], init.astype(dtype), 0)
+    total = (lambda x: x) if axis is None else functools.partial(jax.lax.psum, axis_name=axis)
     # Above this many moved rows, rebuilding the sums is cheaper than patching them.
     rebuild_above = sparse_tiers[-1]
-
-    def step_pass(C, rebuild: bool):
-        """Assignments under C; with ``rebuild`` also the S2 numerator of those assignments."""
-        directions = _search_directions(C, weighted)
-        # |<G_j, C_i>| = |<G_j, C_i / ||C_i||>| ||C_i|| when the search directions are normalised.
-        obj_scale = jnp.ones((m,), dtype) if weighted else _row_norms(C)
-
-        def body(b, carry):
-            a_all, s_all, obj, num = carry
-            start = _block_start(b, n, block)
-            Gb = jax.lax.dynamic_slice_in_dim(G, start, block)
-            a, d = _assign_block(Gb, directions)
-            s = jnp.where(d < 0, -1, 1).astype(dtype)
-            # Rows already covered by the previous block must not be counted twice.
-            fresh = (start + jnp.arange(block)) >= b * block
-            obj = obj + jnp.sum(jnp.where(fresh, jnp.abs(d) * obj_scale[a], 0))
-            if rebuild:
-                scale, _ = _member_weights(jax.lax.dynamic_slice_in_dim(norms, start, block), s, weighted)
-                W = jax.nn.one_hot(a, m, dtype=dtype) * jnp.where(fresh, scale, 0)[:, None]
-                num = num + W.T @ Gb
-            a_all = jax.lax.dynamic_update_slice_in_dim(a_all, a, start, 0)
-            s_all = jax.lax.dynamic_update_slice_in_dim(s_all, s, start, 0)
-            return a_all, s_all, obj, num
-
-        init = (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), dtype), jnp.zeros((), dtype),
-                jnp.zeros((m, dim), dtype))
-        return jax.lax.fori_loop(0, _num_blocks(n, block), body, init)
-
-    def rebuild_den_count(a, s):
-        _, mass = _member_weights(norms, s, weighted)
-        return jax.ops.segment_sum(mass, a, m), jax.ops.segment_sum(nonzero_i, a, m)
 
     def make_patch(size):
         def patch(a, s, a_old, s_old, num, den, count):
@@ -533,7 +576,7 @@ def _kmeans_single(G, key, num_clusters, max_iters, tol, init=None, *, capacity,
     def rebuild_sums(a, s, a_old, s_old, num, den, count):
         del a_old, s_old, num, den, count
         scale, _ = _member_weights(norms, s, weighted)
-        return (_blocked_cluster_sums(G, a, scale, m, block),) + rebuild_den_count(a, s)
+        return (_blocked_cluster_sums(G, a, scale, m, block),) + cluster_mass(norms, a, s, m, weighted=weighted)
 
     def keep_sums(a, s, a_old, s_old, num, den, count):
         del a, s, a_old, s_old
@@ -542,12 +585,11 @@ def _kmeans_single(G, key, num_clusters, max_iters, tol, init=None, *, capacity,
     patches = tuple(make_patch(c) for c in sparse_tiers)
 
     def rebuild_step(st: _LoopState, C):
-        a, s, obj, num = step_pass(C, rebuild=True)
-        den, count = rebuild_den_count(a, s)
-        return a, s, obj, num, den, count
+        a, s, obj, num = lloyd_pass(G, norms, C, weighted=weighted, block=block)
+        return (a, s, obj, num) + cluster_mass(norms, a, s, m, weighted=weighted)
 
     def patch_step(st: _LoopState, C):
-        a, s, obj, _ = step_pass(C, rebuild=False)
+        a, s, obj, _ = lloyd_pass(G, norms, C, weighted=weighted, block=block, with_sums=False)
         num_changed = jnp.sum((a != st.assign) | (s != st.signs), dtype=jnp.int32)
         tier = jnp.searchsorted(jnp.asarray(sparse_tiers, jnp.int32), num_changed).astype(jnp.int32)
         # Branch 0 keeps the sums (nothing moved), then the tiers, then a full rebuild.
@@ -562,16 +604,17 @@ def _kmeans_single(G, key, num_clusters, max_iters, tol, init=None, *, capacity,
         return (st.it < max_iters) & ~st.done
 
     def body(st: _LoopState):
+        num, den, count = total((st.num, st.den, st.count))
         # Empty clusters keep their previous centroid (they may win members back later).
-        C = jnp.where((st.count > 0)[:, None], st.num / jnp.where(st.den > 0, st.den, 1)[:, None],
-                      st.centroids)
-        # Whether the sums are rebuilt in the pass is predicted from the previous step's movement.
+        C = jnp.where((count > 0)[:, None], num / jnp.where(den > 0, den, 1)[:, None], st.centroids)
+        # Whether the sums are rebuilt in the pass is predicted from the previous step's movement
+        # (per shard: no collective runs inside the branches).
         a, s, obj, num, den, count = jax.lax.cond(
             st.num_changed > rebuild_above, rebuild_step, patch_step, st, C
         )
-        unchanged = jnp.all(a == st.assign)
+        obj, moved = total((obj, jnp.sum(a != st.assign, dtype=jnp.int32)))
         stalled = jnp.abs(obj - st.objective) <= tol * jnp.abs(obj)
-        done = unchanged | (stalled & (st.it > 0))
+        done = (moved == 0) | (stalled & (st.it > 0))
         num_changed = jnp.sum((a != st.assign) | (s != st.signs), dtype=jnp.int32)
         return _LoopState(C, num, den, count, a, s, num_changed, obj, st.it + 1, done)
 
@@ -588,8 +631,39 @@ def _kmeans_single(G, key, num_clusters, max_iters, tol, init=None, *, capacity,
         done=jnp.zeros((), bool),
     )
     st = jax.lax.while_loop(cond, body, init)
-    members = jax.ops.segment_sum(nonzero_i, st.assign, m)
+    members = total(jax.ops.segment_sum(nonzero.astype(jnp.int32), st.assign, m))
     return st.centroids, st.assign, st.objective, st.it, members
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("capacity", "weighted", "block_size", "sparse_tiers", "seed_sample", "num_rows", "placement"),
+)
+def _kmeans_single(G, key, num_clusters, max_iters, tol, init=None, *, capacity, weighted, block_size,
+                   sparse_tiers, seed_sample, num_rows=None, placement=None):
+    """One run of Algorithm 1; returns ``(centroids, assignments, objective, iters, member_counts)``.
+
+    Shapes are those of ``capacity`` clusters, of which the first ``num_clusters`` (traced) are
+    used: the others have zero centroids, which never win an assignment. The empty-cluster
+    restarts therefore reuse one compiled program. ``init`` ``(capacity, D)``, when given, replaces
+    the k-means++ seeds; ``num_rows`` is that of :func:`seed_centroids` (zero padding after it).
+
+    ``placement = (mesh, axis)``: ``G`` is split over ``axis`` (``N`` divisible by its devices)
+    and the Lloyd loop runs per shard (:func:`_lloyd` under ``shard_map``; ``block_size`` and
+    ``sparse_tiers`` then refer to the rows of one shard). The seeding reads only its subsample
+    and is partitioned by XLA. The assignments come back sharded, the rest replicated.
+    """
+    m = capacity
+    norms = _row_norms(G)
+    if init is None:
+        seeds = seed_centroids(G, norms, key, num_clusters, capacity=m, weighted=weighted,
+                               sample_size=seed_sample, num_rows=num_rows)
+    else:
+        seeds = jnp.where((jnp.arange(m) < num_clusters)[:, None], init.astype(G.dtype), 0)
+    lloyd = functools.partial(_lloyd, weighted=weighted, block_size=block_size, sparse_tiers=sparse_tiers,
+                              axis=None if placement is None else placement[1])
+    lloyd = per_shard(lloyd, placement, (True, True, False, False, False), (False, True, False, False, False))
+    return lloyd(G, norms, seeds, max_iters, tol)
 
 
 def seed_sample(n: int, capacity: int, seed_sample_size=None) -> int:
@@ -598,11 +672,27 @@ def seed_sample(n: int, capacity: int, seed_sample_size=None) -> int:
     return min(n, max(sample, capacity))
 
 
-def _static_config(n: int, capacity: int, weighted: bool, block_size: int, seed_sample_size=None) -> dict:
-    """The static arguments of ``_kmeans_single`` that :func:`weighted_spherical_kmeans` uses."""
-    return dict(capacity=capacity, weighted=bool(weighted), block_size=min(block_size, n),
-                sparse_tiers=_sparse_tiers(n, block_size),
+def _static_config(n: int, capacity: int, weighted: bool, block_size: int, seed_sample_size=None, *,
+                   shard_rows: int | None = None) -> dict:
+    """The static arguments of ``_kmeans_single`` that :func:`weighted_spherical_kmeans` uses.
+
+    ``n`` examples; ``shard_rows``: rows per shard when the Lloyd loop runs sharded (the blocks and
+    the incremental-update buffers are those of one shard).
+    """
+    rows = n if shard_rows is None else shard_rows
+    return dict(capacity=capacity, weighted=bool(weighted), block_size=min(block_size, rows),
+                sparse_tiers=_sparse_tiers(rows, block_size),
                 seed_sample=seed_sample(n, capacity, seed_sample_size))
+
+
+def _kmeans_placement(G, mesh, mesh_axis):
+    """Where the Lloyd loop runs: ``(mesh, mesh_axis)`` when a mesh is given, else the example
+    sharding of ``G`` (None: one device, or not evenly split)."""
+    if mesh is None:
+        return example_placement(G)
+    placement = (mesh, mesh_axis)
+    num_shards(placement)  # validates the mesh and the axis
+    return placement
 
 
 def weighted_spherical_kmeans(
@@ -617,6 +707,8 @@ def weighted_spherical_kmeans(
     seed_sample_size: int | None = None,
     init=None,
     cluster_capacity: int | None = None,
+    mesh=None,
+    mesh_axis="data",
 ) -> KMeansResult:
     """Weighted spherical K-means, paper Algorithm 1, with the empty-cluster restarts of Alg. 2.
 
@@ -637,6 +729,14 @@ def weighted_spherical_kmeans(
     may have fewer than ``num_clusters`` centroids.
 
     Zero rows carry no weight: they never make a cluster non-empty and add 0 to every sum.
+
+    Sharded: when ``G`` is split over devices on its leading axis (a ``NamedSharding``, see
+    :func:`pivotal.sharding.shard_examples`), or when ``mesh`` is given, the Lloyd loop runs per
+    shard under ``shard_map``: each device assigns its own rows and keeps their partial S2 sums,
+    and only the ``(M, D)`` numerators, ``(M,)`` denominators and member counts, the objective and
+    the count of moved rows are all-reduced per step, so G is never gathered. Same seeds, same
+    stopping rule, same restarts: the result equals the single-device one up to float summation
+    order, with ``assignments`` sharded like the rows and the rest replicated.
 
     Args:
       G: ``(N, D)`` finite float features (float32 or float64; computation stays in that dtype).
@@ -687,10 +787,18 @@ def weighted_spherical_kmeans(
         capacity = _as_int(cluster_capacity, "cluster_capacity")
         if capacity < num_clusters:
             raise ValueError(f"cluster_capacity must be >= num_clusters ({num_clusters}), got {capacity}")
+    placement = _kmeans_placement(G, mesh, mesh_axis)
     if not bool(_any_nonzero(G)):
         raise ValueError("G must have at least one nonzero row")
 
-    static = _static_config(n, capacity, weighted, block_size, seed_sample_size)
+    shards = 1 if placement is None else num_shards(placement)
+    G, _ = pad_examples(G, shards)
+    if placement is not None:
+        G = place_examples(G, placement)
+        key, init = replicate((key, init), placement[0])
+    static = _static_config(n, capacity, weighted, block_size, seed_sample_size,
+                            shard_rows=None if placement is None else G.shape[0] // shards)
+    padded = G.shape[0] != n
     if init is not None and capacity > num_clusters:
         init = jnp.concatenate([init, jnp.zeros((capacity - num_clusters, G.shape[1]), G.dtype)])
     m = num_clusters
@@ -699,12 +807,15 @@ def weighted_spherical_kmeans(
         run_key = key if attempt == 0 else jax.random.fold_in(key, attempt)
         centroids, assignments, objective, iters, members = _kmeans_single(
             G, run_key, jnp.asarray(m, jnp.int32), jnp.asarray(max_iters, jnp.int32),
-            jnp.asarray(tol, G.dtype), init, **static
+            jnp.asarray(tol, G.dtype), init, num_rows=n if padded else None, placement=placement,
+            **static
         )
-        empty = np.asarray(members[:m]) == 0
+        empty = np.asarray(members)[:m] == 0
         if not empty.any():
             if m < capacity:
                 centroids = centroids[:m]
+            if padded:
+                assignments = assignments[:n]
             return KMeansResult(centroids, assignments, objective, iters)
         # Paper appendix: restart with M - M_empty clusters until none is empty. Every nonzero
         # row lands in some cluster, so m stays >= 1.

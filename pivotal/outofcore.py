@@ -25,7 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pivotal.sharding import _check_int, _local_assign_and_sums, _seed_sample
+from pivotal.kmeans import (
+    KMeansResult,
+    cluster_mass,
+    lloyd_pass,
+    seed_centroids,
+    seed_sample,
+)
+from pivotal.sharding import _check_int
 
 __all__ = ["open_features_memmap", "write_features", "compute_features", "kmeans_memmap",
            "memmap_block_rows"]
@@ -179,7 +186,9 @@ def _block_stats(Gb):
 
 @functools.partial(jax.jit, static_argnames=("weighted",))
 def _block_step(Gb, nb, C, *, weighted):
-    return _local_assign_and_sums(Gb, nb, C, weighted=weighted, block=Gb.shape[0])
+    """One host block of a Lloyd step: ``(a, s, objective, num, den, count)`` of its rows."""
+    a, s, obj, num = lloyd_pass(Gb, nb, C, weighted=weighted, block=Gb.shape[0])
+    return (a, s, obj, num) + cluster_mass(nb, a, s, C.shape[0], weighted=weighted)
 
 
 def _blocks(G, rows: int):
@@ -210,8 +219,6 @@ def kmeans_memmap(G, num_clusters: int, key, *, memory_budget_bytes: Optional[in
     Returns a :class:`pivotal.kmeans.KMeansResult` (``assignments`` a host ``int32`` array) equal
     to the in-memory result for the same key up to float summation order.
     """
-    from pivotal.kmeans import KMeansResult, seed_centroids
-
     if not (hasattr(G, "shape") and hasattr(G, "dtype")) or len(G.shape) != 2:
         raise ValueError("G must be a 2-D array-like (N, D) such as an np.memmap")
     if not np.issubdtype(np.dtype(G.dtype), np.floating):
@@ -252,7 +259,7 @@ def kmeans_memmap(G, num_clusters: int, key, *, memory_budget_bytes: Optional[in
     if not any_nonzero:
         raise ValueError("G must have at least one nonzero row")
 
-    sample = _seed_sample(n, capacity, seed_sample_size)
+    sample = seed_sample(n, capacity, seed_sample_size)
     source = jnp.asarray(np.asarray(G[:])) if sample >= n else _RowReader(G)
     norms_dev = jnp.asarray(norms)
     tol_arr = jnp.asarray(tol, dtype)

@@ -31,6 +31,7 @@ from pivotal.kmeans import (
     assign_clusters,
     weighted_spherical_kmeans,
 )
+from pivotal.sharding import example_placement, num_shards, place_examples, to_host
 
 __all__ = ["select_meta_samples", "remaining_candidates"]
 
@@ -64,7 +65,7 @@ def _padded_size(n: int) -> int:
 def _candidates(G, existing: np.ndarray, exclude_fraction: float, *, stacklevel: int):
     """Cheap part: ``(candidates before exclusion, number to drop)``; warns about zero rows."""
     n = G.shape[0]
-    norms = np.asarray(_row_norms(G))
+    norms = to_host(_row_norms(G))
     is_existing = np.zeros(n, bool)
     is_existing[existing] = True
     zero = (norms == 0) & ~is_existing
@@ -85,7 +86,7 @@ def _drop_most_similar(G, candidates, existing, num_drop: int, block_size: int) 
         return candidates
     # S1 similarity to the nearest existing meta sample, computed in row blocks.
     _, sim = assign_clusters(G[candidates], G[existing], weighted=True, block_size=block_size)
-    order = np.argsort(-np.asarray(sim), kind="stable")
+    order = np.argsort(-to_host(sim), kind="stable")
     return np.sort(candidates[order[num_drop:]])
 
 
@@ -156,8 +157,12 @@ def select_meta_samples(
       weighted: weighted (S1/S2) or unweighted K-means.
       block_size: rows per block of every pass over the data.
       mesh: optional ``jax.sharding.Mesh``: the candidates' rows are split over ``mesh_axis``
-        and the K-means runs sharded (:func:`pivotal.sharding.sharded_spherical_kmeans`: local
-        assignments, all-reduced centroid sums); same result as without a mesh.
+        and the K-means and the final assignment run sharded (local assignments, all-reduced
+        centroid sums; see :func:`weighted_spherical_kmeans`). Default: the example sharding of
+        ``features`` when it has one, else one device. Same result either way for device counts
+        that are powers of two up to 512. (The candidates are zero-padded to a multiple of the
+        device count; with other counts and more than 4096 candidates the k-means++ subsample
+        is then drawn from a differently padded array: a valid run, not an identical one.)
       mesh_axis: the mesh axis of the example dimension.
       **kmeans_kwargs: forwarded to :func:`weighted_spherical_kmeans` (``max_iters``, ``tol``,
         ``seed_sample_size``).
@@ -178,6 +183,9 @@ def select_meta_samples(
     for name in ("num_clusters", "init"):
         if name in kmeans_kwargs:
             raise TypeError(f"select_meta_samples got an unexpected keyword argument {name!r}")
+    placement = example_placement(G) if mesh is None else (mesh, mesh_axis)
+    if placement is not None:
+        num_shards(placement)  # validates the mesh and the axis
 
     candidates, num_drop, num_zero = _candidates(G, existing, exclude_fraction, stacklevel=2)
     num_left = candidates.size - num_drop
@@ -190,28 +198,26 @@ def select_meta_samples(
     candidates = _drop_most_similar(G, candidates, existing, num_drop, block_size)
 
     # Zero padding rows carry no weight in the K-means (documented there); they only keep the
-    # compiled shapes stable across rounds.
+    # compiled shapes stable across rounds, and split evenly over the devices.
     padded = _padded_size(candidates.size)
+    if placement is not None:
+        padded = -(-padded // num_shards(placement)) * num_shards(placement)
     Gc = G[candidates]
     if padded > candidates.size:
         Gc = jnp.concatenate([Gc, jnp.zeros((padded - candidates.size, G.shape[1]), G.dtype)])
+    if placement is not None:
+        Gc = place_examples(Gc, placement)
     # Budgets rounded up to a multiple of 8 share one compiled K-means (surplus clusters are zero).
     kmeans_kwargs.setdefault("cluster_capacity", -(-budget // 8) * 8)
-    if mesh is None:
-        result = weighted_spherical_kmeans(Gc, budget, key, weighted=weighted,
-                                           block_size=block_size, **kmeans_kwargs)
-    else:
-        from pivotal.sharding import sharded_spherical_kmeans  # sharding imports kmeans
-
-        result = sharded_spherical_kmeans(Gc, budget, key, mesh, axis=mesh_axis,
-                                          weighted=weighted, block_size=block_size,
-                                          **kmeans_kwargs)
+    # Both respect the sharding of Gc.
+    result = weighted_spherical_kmeans(Gc, budget, key, weighted=weighted, block_size=block_size,
+                                       **kmeans_kwargs)
 
     # |cos| of every candidate to its own centroid. The S1 argmax reproduces result.assignments,
     # and the S1 value divided by ||C_a|| is |cos|.
     assign, sim = assign_clusters(Gc, result.centroids, weighted=weighted, block_size=block_size)
-    assign = np.asarray(assign)[: candidates.size]
-    sim = np.asarray(sim)[: candidates.size]
+    assign = to_host(assign)[: candidates.size]
+    sim = to_host(sim)[: candidates.size]
     if weighted:
         cnorm = np.asarray(_row_norms(result.centroids))
         sim = sim / cnorm[assign]

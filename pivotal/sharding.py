@@ -2,34 +2,45 @@
 
 JAX is the distributed engine: arrays carry a :class:`jax.sharding.NamedSharding`, jitted
 functions are partitioned by XLA (GSPMD) from the shardings of their inputs, and where the
-automatic partitioning would gather the example axis (chunked ``lax.map``/``scan`` loops,
-blocked ``fori_loop`` passes) the work is written per shard with :func:`jax.shard_map` and the
-cross-shard sums are explicit ``psum`` all-reduces. Several hosts: call
-``jax.distributed.initialize()`` first on every host; :func:`data_mesh` then spans
-``jax.devices()`` (all hosts' devices) and everything below works unchanged.
+automatic partitioning would gather the example axis (chunked loops over rows, blocked passes)
+the library runs the work once per shard with :func:`jax.shard_map` (:func:`per_shard`) and
+writes the cross-shard sums as explicit ``psum`` all-reduces.
 
 Conventions:
 
 * one mesh axis (default ``"data"``) shards the leading (example) axis of every per-example
   array; parameters, optimizer state and centroids are replicated (``P()``);
+* the heavy functions respect the sharding of their inputs: pass example-sharded arrays (see
+  :func:`shard_examples`) and the work runs where the rows live, the per-example outputs come
+  back sharded the same way. :func:`example_placement` is how they find out;
 * :func:`shard_examples` refuses an example count that the number of devices does not divide
   (a ``ValueError`` naming both): silently padding a training batch would change its mean loss.
   Use :func:`pad_examples` to pad explicitly with zero rows where that is harmless (features
   for K-means: zero rows carry no weight there), or choose a divisible batch size.
 
-What shards as is (GSPMD, no gather of the example axis): ``make_meta_step``'s ``step`` with the
-batch and meta set sharded and the state replicated; ``per_example_grads`` and
-``gbc_features`` with ``chunk_size=None``; ``rbc_features`` and ``history_features`` of them.
-What needs the wrappers here: chunked per-example gradients (:func:`sharded_per_example_grads`)
-and K-means (:func:`sharded_spherical_kmeans`: assignments stay local, centroid sums are
-all-reduced).
+What runs sharded, with no gather of the example axis:
+
+* ``make_meta_step``'s ``step`` with the batch and meta set sharded and the state replicated
+  (GSPMD; the gradients are all-reduced by XLA);
+* ``per_example_grads`` and ``gbc_features`` on a sharded batch: the chunk loop runs per shard,
+  each device taking chunks of its own rows, so memory per device stays O(chunk x P); the layer
+  importances of GBC are summed per shard and all-reduced; ``rbc_features``,
+  ``make_rbc_feature_fn`` and ``history_features`` of them keep the example sharding;
+* ``weighted_spherical_kmeans`` on sharded features (or with ``mesh=``): assignments local,
+  the ``(M, D)`` S2 sums all-reduced once per Lloyd step; ``assign_clusters`` and
+  ``cluster_centroids`` likewise; ``select_meta_samples`` on sharded features or with ``mesh=``.
+
+Several processes (hosts): call ``jax.distributed.initialize(...)`` first in every process (see
+``experiments/distributed.py`` and ``docs/SCALING.md``); :func:`data_mesh` then spans every
+process's devices, :func:`shard_process_local_examples` builds the global example-sharded
+arrays from each process's own rows, and everything above works unchanged.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -40,15 +51,25 @@ __all__ = [
     "data_mesh",
     "example_sharding",
     "shard_examples",
+    "shard_process_local_examples",
     "pad_examples",
     "replicate",
     "is_example_sharded",
+    "example_placement",
+    "num_shards",
+    "place_examples",
+    "per_shard",
+    "to_host",
     "sharded_per_example_grads",
     "sharded_spherical_kmeans",
     "sketch_rbc_features",
 ]
 
 PyTree = Any
+# A mesh axis name, or several whose product splits one array dimension.
+AxisName = Union[str, Sequence[str]]
+# Where the example axis lives: (mesh, mesh axis or axes of the leading dimension).
+Placement = tuple[Mesh, Union[str, tuple[str, ...]]]
 
 
 # --------------------------------------------------------------------------- meshes
@@ -72,15 +93,30 @@ def data_mesh(num_devices: Optional[int] = None, axis: str = "data", *, devices=
     return Mesh(np.asarray(pool[:num_devices]), (axis,))
 
 
-def _check_mesh(mesh, axis: str) -> int:
+def _axis_names(axis: AxisName) -> tuple[str, ...]:
+    names = (axis,) if isinstance(axis, str) else tuple(axis) if isinstance(axis, (tuple, list)) else ()
+    if not names or not all(isinstance(a, str) and a for a in names):
+        raise ValueError(f"axis must be a mesh axis name or a tuple of them, got {axis!r}")
+    return names
+
+
+def _check_mesh(mesh, axis: AxisName) -> int:
+    """Number of shards ``axis`` splits the example axis into on ``mesh``."""
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh (see data_mesh), got {type(mesh).__name__}")
-    if axis not in mesh.axis_names:
-        raise ValueError(f"axis {axis!r} is not an axis of the mesh {mesh.axis_names}")
-    return int(mesh.shape[axis])
+    names = _axis_names(axis)
+    for name in names:
+        if name not in mesh.axis_names:
+            raise ValueError(f"axis {name!r} is not an axis of the mesh {mesh.axis_names}")
+    return math.prod(int(mesh.shape[name]) for name in names)
 
 
-def example_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:
+def num_shards(placement: Placement) -> int:
+    """How many row blocks ``placement`` splits the example axis into."""
+    return _check_mesh(*placement)
+
+
+def example_sharding(mesh: Mesh, axis: AxisName = "data") -> NamedSharding:
     """``NamedSharding(mesh, P(axis))``: the leading axis split over ``axis``."""
     _check_mesh(mesh, axis)
     return NamedSharding(mesh, P(axis))
@@ -98,7 +134,7 @@ def _leading_size(tree: PyTree, name: str) -> int:
     return sizes.pop()
 
 
-def shard_examples(tree: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
+def shard_examples(tree: PyTree, mesh: Mesh, axis: AxisName = "data") -> PyTree:
     """``device_put`` every leaf with its leading (example) axis split over ``axis``.
 
     Raises ``ValueError`` when the example count N is not divisible by the number of devices on
@@ -112,7 +148,51 @@ def shard_examples(tree: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
             f"the example axis (N={n}) must be divisible by the {shards} devices of mesh axis "
             f"{axis!r}; pad with pad_examples(tree, {shards}) or choose a divisible size")
     sharding = NamedSharding(mesh, P(axis))
-    return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), tree)
+    return jax.tree_util.tree_map(lambda x: _put(x, sharding), tree)
+
+
+def _local_shards(mesh: Mesh, axis: AxisName) -> int:
+    """How many distinct row blocks of ``axis`` this process's devices of ``mesh`` hold."""
+    dims = [mesh.axis_names.index(name) for name in _axis_names(axis)]
+    local = {device.id for device in mesh.local_devices}
+    blocks = {tuple(index[d] for d in dims) for index, device in np.ndenumerate(mesh.devices)
+              if device.id in local}
+    return len(blocks)
+
+
+def shard_process_local_examples(tree: PyTree, mesh: Mesh, axis: AxisName = "data") -> PyTree:
+    """Global example-sharded arrays from the rows each process holds (multi-process runs).
+
+    Every process calls this with its own rows: ``tree`` is a pytree whose leaves have a leading
+    axis of ``n_local`` examples (numpy or jax arrays on this host), the same ``n_local`` and the
+    same trailing shapes in every process. The result has ``N = n_local x num_processes`` rows
+    (more precisely, ``n_local`` times the number of row blocks of ``axis`` over the number this
+    process holds), split over ``axis`` so that every device holds exactly the rows its own
+    process passed: nothing crosses the network. Process ``p``'s rows are global rows
+    ``p * n_local ... (p + 1) * n_local - 1`` on a :func:`data_mesh` (its devices are ordered by
+    process). With one process this is :func:`shard_examples`.
+
+    Built with ``jax.make_array_from_process_local_data``. ``n_local`` must be divisible by the
+    number of this process's devices on ``axis`` (``ValueError`` otherwise).
+    """
+    shards = _check_mesh(mesh, axis)
+    n_local = _leading_size(tree, "tree")
+    local = _local_shards(mesh, axis)
+    if local == 0:
+        raise ValueError(f"the mesh {mesh.axis_names} holds no device of this process "
+                         f"(process {jax.process_index()})")
+    if n_local % local:
+        raise ValueError(
+            f"this process's example count (n_local={n_local}) must be divisible by its {local} "
+            f"devices on mesh axis {axis!r}")
+    n = n_local * shards // local
+    sharding = NamedSharding(mesh, P(axis))
+
+    def put(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        return jax.make_array_from_process_local_data(sharding, x, (n,) + tuple(x.shape[1:]))
+
+    return jax.tree_util.tree_map(put, tree)
 
 
 def pad_examples(tree: PyTree, multiple: int) -> tuple[PyTree, int]:
@@ -134,12 +214,31 @@ def pad_examples(tree: PyTree, multiple: int) -> tuple[PyTree, int]:
     return jax.tree_util.tree_map(pad, tree), n
 
 
+def _put(x, sharding: NamedSharding):
+    """``x`` placed with ``sharding``; no copy when it already is.
+
+    With several processes ``jax.device_put`` refuses an array committed to one local device as
+    the source of a sharding that spans processes; such an array goes through the host instead
+    (every process must then pass the same value, as for numpy input).
+    """
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    if sharding.is_fully_addressable or not isinstance(x, jax.Array) or not x.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+    return jax.device_put(np.asarray(x), sharding)
+
+
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-    """``device_put`` every leaf fully replicated on ``mesh`` (``P()``): parameters, states."""
+    """``device_put`` every leaf fully replicated on ``mesh`` (``P()``): parameters, states.
+
+    Leaves already replicated on ``mesh`` are returned as they are (no copy).
+    """
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     sharding = NamedSharding(mesh, P())
-    return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), tree)
+    return jax.tree_util.tree_map(lambda x: _put(x, sharding), tree)
 
 
 def is_example_sharded(x, mesh: Optional[Mesh] = None, axis: str = "data") -> bool:
@@ -156,178 +255,83 @@ def is_example_sharded(x, mesh: Optional[Mesh] = None, axis: str = "data") -> bo
     return axis in first and sharding.mesh.shape[axis] > 1
 
 
+def _leaf_placement(x) -> Optional[Placement]:
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or not np.ndim(x):
+        return None
+    sharding = x.sharding
+    if not isinstance(sharding, NamedSharding) or not tuple(sharding.spec) or sharding.spec[0] is None:
+        return None
+    axis = sharding.spec[0]
+    axis = axis if isinstance(axis, str) else tuple(axis) if len(axis) > 1 else axis[0]
+    shards = _check_mesh(sharding.mesh, axis)
+    if shards < 2 or x.shape[0] % shards:
+        return None
+    return sharding.mesh, axis
+
+
+def example_placement(tree: PyTree) -> Optional[Placement]:
+    """``(mesh, axis)`` over which the example axis of ``tree`` is split, or None.
+
+    Looks at the leaves in order and returns the placement of the first one that is a concrete
+    jax array whose leading axis a :class:`NamedSharding` splits over mesh axes ``axis`` (a name,
+    or a tuple of names) of two or more devices, evenly. None means "not example-sharded"
+    (numpy input, one device, replicated, tracers under ``jit``): the caller runs as usual.
+    This is how the library's heavy functions decide to run per shard.
+    """
+    for leaf in jax.tree_util.tree_leaves(tree):
+        placement = _leaf_placement(leaf)
+        if placement is not None:
+            return placement
+    return None
+
+
 def _as_example_sharded(tree, mesh, axis):
     """Inputs placed on the mesh, example axis split; already-correct leaves are left alone."""
     sharding = NamedSharding(mesh, P(axis))
-
-    def put(x):
-        if isinstance(x, jax.Array) and x.sharding == sharding:
-            return x
-        return jax.device_put(x, sharding)
-
-    return jax.tree_util.tree_map(put, tree)
+    return jax.tree_util.tree_map(lambda x: _put(x, sharding), tree)
 
 
-# --------------------------------------------------------------------------- per-example grads
+def place_examples(tree: PyTree, placement: Placement) -> PyTree:
+    """``tree`` with every leaf's example axis split as ``placement`` says (no copy where it is)."""
+    return _as_example_sharded(tree, *placement)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "mesh", "axis", "chunk_size", "options"))
-def _sharded_grads(loss_fn, params, batch, *, mesh, axis, chunk_size, options):
-    from pivotal.features import per_example_grads
+def per_shard(fn: Callable, placement: Optional[Placement], in_rows: Sequence[bool], out_rows) -> Callable:
+    """``fn`` run once per shard of the example axis, or ``fn`` itself when ``placement`` is None.
 
-    def local(p, b):
-        return per_example_grads(loss_fn, p, b, chunk_size=chunk_size, **dict(options))
+    ``jax.shard_map`` over ``placement = (mesh, axis)``: every positional argument flagged True in
+    ``in_rows`` is split on its leading (example) axis, so each device's call sees its own rows;
+    the others are replicated (every call sees all of them). ``out_rows`` flags the outputs the
+    same way (a bool, or a tuple of bools matching a tuple output): flagged outputs are
+    concatenated over the shards in row order, the others must be equal on every shard (results
+    of ``psum`` over ``axis``, which ``fn`` may call when ``placement`` is given).
 
-    # check_vma=False: with varying-manual-axes typing the parameters enter device-invariant and
-    # the transpose of their implicit invariant->varying cast psums the gradients over devices --
-    # right for a mean gradient, wrong here: each example's gradient must stay on its device.
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis)), out_specs=P(axis),
-                         check_vma=False)(params, batch)
-
-
-def sharded_per_example_grads(loss_fn: Callable, params: PyTree, batch: PyTree, mesh: Mesh, *,
-                              axis: str = "data", chunk_size: Optional[int] = None,
-                              **grad_kwargs) -> PyTree:
-    """:func:`pivotal.features.per_example_grads` with the examples split over ``axis``.
-
-    Each device runs the chunked ``vmap(grad)`` over its own examples (``shard_map``), so memory
-    per device is O(chunk_size x P) and the ``(N, ...)`` gradients come back sharded on their
-    leading axis. (Under plain GSPMD the chunked ``lax.map`` scans over the sharded axis and XLA
-    all-gathers the batch; with ``chunk_size=None`` ``per_example_grads`` shards as is.)
-    N must be divisible by the number of devices on ``axis``. ``grad_kwargs`` (hashable values,
-    e.g. ``strategy="map"``) are forwarded to ``per_example_grads``.
+    Varying-manual-axes checking is off (``check_vma=False``): with it, replicated parameters
+    enter device-invariant and the transpose of their implicit invariant->varying cast would
+    all-reduce per-example gradients over devices, mixing examples that must stay apart.
     """
-    shards = _check_mesh(mesh, axis)
-    n = _leading_size(batch, "batch")
-    if n % shards:
-        raise ValueError(f"batch has N={n} examples, not divisible by the {shards} devices of {axis!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    batch = _as_example_sharded(batch, mesh, axis)
-    params = replicate(params, mesh)
-    return _sharded_grads(loss_fn, params, batch, mesh=mesh, axis=axis,
-                          chunk_size=None if chunk_size is None else min(int(chunk_size), n // shards),
-                          options=tuple(sorted(grad_kwargs.items())))
+    if placement is None:
+        return fn
+    mesh, axis = placement
+    spec = lambda rows: P(axis) if rows else P()
+    outs = spec(out_rows) if isinstance(out_rows, bool) else tuple(spec(r) for r in out_rows)
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(r) for r in in_rows), out_specs=outs,
+                         check_vma=False)
 
 
-# --------------------------------------------------------------------------- K-means
+def to_host(x) -> np.ndarray:
+    """``np.asarray(x)``, also for an array sharded over several processes (multi-host runs).
 
-
-def _member_weights(norms, signs, weighted: bool):
-    """Row j adds ``scale_j G_j`` to its cluster's numerator and ``mass_j`` to its denominator."""
-    nonzero = norms > 0
-    if weighted:
-        return jnp.where(nonzero, signs, 0), norms
-    safe = jnp.where(nonzero, norms, 1)
-    return jnp.where(nonzero, signs / safe, 0), nonzero.astype(norms.dtype)
-
-
-def _local_assign_and_sums(G, norms, C, *, weighted: bool, block: int):
-    """One pass over this shard's rows in blocks: assignments, signs and partial S2 sums.
-
-    Returns ``(a (n,), s (n,), objective, num (M, D), den (M,), count (M,))`` of the local rows.
+    ``np.asarray`` needs every shard on this process; an array split over the devices of several
+    processes is first made replicated on its mesh (an all-gather), so every process gets the
+    whole of it. Meant for small per-example vectors such as ``(N,)`` norms or assignments.
     """
-    n, dim = G.shape
-    m = C.shape[0]
-    dtype = G.dtype
-    cnorm = jnp.sqrt(jnp.sum(jnp.square(C), axis=1))
-    if weighted:
-        directions, obj_scale = C, jnp.ones((m,), dtype)
-    else:
-        directions, obj_scale = C / jnp.where(cnorm > 0, cnorm, 1)[:, None], cnorm
-    block = min(block, n)
-    num_blocks = -(-n // block)
-
-    def body(b, carry):
-        a_all, s_all, obj, num = carry
-        # The last block is shifted back to stay full; rows seen twice are masked by `fresh`.
-        start = jnp.minimum(b * block, n - block)
-        Gb = jax.lax.dynamic_slice_in_dim(G, start, block)
-        nb = jax.lax.dynamic_slice_in_dim(norms, start, block)
-        dots = Gb @ directions.T
-        a = jnp.argmax(jnp.abs(dots), axis=1).astype(jnp.int32)
-        d = jnp.take_along_axis(dots, a[:, None], axis=1)[:, 0]
-        s = jnp.where(d < 0, -1, 1).astype(dtype)
-        fresh = (start + jnp.arange(block)) >= b * block
-        obj = obj + jnp.sum(jnp.where(fresh, jnp.abs(d) * obj_scale[a], 0))
-        scale, _ = _member_weights(nb, s, weighted)
-        W = jax.nn.one_hot(a, m, dtype=dtype) * jnp.where(fresh, scale, 0)[:, None]
-        num = num + W.T @ Gb
-        a_all = jax.lax.dynamic_update_slice_in_dim(a_all, a, start, 0)
-        s_all = jax.lax.dynamic_update_slice_in_dim(s_all, s, start, 0)
-        return a_all, s_all, obj, num
-
-    init = (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), dtype), jnp.zeros((), dtype),
-            jnp.zeros((m, dim), dtype))
-    a, s, obj, num = jax.lax.fori_loop(0, num_blocks, body, init)
-    _, mass = _member_weights(norms, s, weighted)
-    den = jax.ops.segment_sum(mass, a, m)
-    count = jax.ops.segment_sum((norms > 0).astype(jnp.int32), a, m)
-    return a, s, obj, num, den, count
-
-
-@functools.partial(jax.jit, static_argnames=("mesh", "axis", "weighted", "block_size"))
-def _sharded_lloyd(G, seeds, max_iters, tol, *, mesh, axis, weighted, block_size):
-    """Algorithm 1's Lloyd loop, one ``shard_map``: local assignments, ``psum`` of the S2 sums."""
-
-    def local(G_loc, seeds, max_iters, tol):
-        n_loc = G_loc.shape[0]
-        m, dim = seeds.shape
-        dtype = G_loc.dtype
-        norms = jnp.sqrt(jnp.sum(jnp.square(G_loc), axis=1))
-
-        def cond(st):
-            return (st[6] < max_iters) & ~st[7]
-
-        def body(st):
-            C_prev, num, den, count, assign, objective, it, _ = st
-            # Empty clusters keep their previous centroid (they may win members back).
-            C = jnp.where((count > 0)[:, None], num / jnp.where(den > 0, den, 1)[:, None], C_prev)
-            a, _, obj, num, den, count = _local_assign_and_sums(G_loc, norms, C, weighted=weighted,
-                                                                block=block_size)
-            obj, num, den, count = jax.lax.psum((obj, num, den, count), axis)
-            changed = jax.lax.psum(jnp.sum(a != assign, dtype=jnp.int32), axis)
-            stalled = jnp.abs(obj - objective) <= tol * jnp.abs(obj)
-            done = (changed == 0) | (stalled & (it > 0))
-            return C, num, den, count, a, obj, it + 1, done
-
-        init = (seeds, jnp.zeros((m, dim), dtype), jnp.zeros((m,), dtype), jnp.zeros((m,), jnp.int32),
-                jnp.full((n_loc,), -1, jnp.int32), jnp.zeros((), dtype), jnp.zeros((), jnp.int32),
-                jnp.zeros((), bool))
-        C, _, _, count, assign, obj, it, _ = jax.lax.while_loop(cond, body, init)
-        return C, assign, obj, it, count
-
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P(), P(), P()),
-                       out_specs=(P(), P(axis), P(), P(), P()), check_vma=False)
-    return fn(G, seeds, max_iters, tol)
-
-
-@functools.partial(jax.jit, static_argnames=("capacity", "weighted", "sample_size"))
-def _kmeanspp_seeds(G, key, num_seeds, *, capacity, weighted, sample_size):
-    # The seeding of pivotal.kmeans (same key -> same seeds as weighted_spherical_kmeans); it reads
-    # only a subsample of rows, so GSPMD gathers just those rows.
-    from pivotal.kmeans import seed_centroids
-
-    norms = jnp.sqrt(jnp.sum(jnp.square(G), axis=1))
-    return seed_centroids(G, norms, key, num_seeds, capacity=capacity, weighted=weighted,
-                           sample_size=sample_size)
-
-
-def _seed_sample(n: int, capacity: int, seed_sample_size: Optional[int]) -> int:
-    from pivotal.kmeans import seed_sample
-
-    return seed_sample(n, capacity, seed_sample_size)
-
-
-def _check_features(G, name="G"):
-    if not hasattr(G, "shape") or not hasattr(G, "dtype"):
-        G = np.asarray(G)
-    if G.ndim != 2 or G.shape[0] < 1 or G.shape[1] < 1:
-        raise ValueError(f"{name} must be a non-empty 2-D array (N, D), got shape {tuple(G.shape)}")
-    if not jnp.issubdtype(G.dtype, jnp.floating):
-        raise TypeError(f"{name} must have a floating dtype, got {G.dtype}")
-    return G
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    if not isinstance(x.sharding, NamedSharding):
+        raise TypeError(f"to_host needs a NamedSharding for an array spread over processes, got {x.sharding}")
+    replicated = NamedSharding(x.sharding.mesh, P())
+    return np.asarray(jax.jit(lambda v: v, out_shardings=replicated)(x))
 
 
 def _check_int(value, name, low):
@@ -336,85 +340,55 @@ def _check_int(value, name, low):
     return int(value)
 
 
-def sharded_spherical_kmeans(G, num_clusters: int, key, mesh: Mesh, *, axis: str = "data",
-                             max_iters: int = 200, tol: float = 1e-4, weighted: bool = True,
-                             block_size: int = 2048, seed_sample_size: Optional[int] = None,
-                             init=None, cluster_capacity: Optional[int] = None):
+# --------------------------------------------------------------------------- thin wrappers
+
+
+def sharded_per_example_grads(loss_fn: Callable, params: PyTree, batch: PyTree, mesh: Mesh, *,
+                              axis: AxisName = "data", chunk_size: Optional[int] = None,
+                              **grad_kwargs) -> PyTree:
+    """:func:`pivotal.features.per_example_grads` with the examples split over ``axis``.
+
+    Places ``batch`` on ``mesh`` (example axis split over ``axis``) and ``params`` replicated,
+    then calls ``per_example_grads``, which runs its chunk loop on each device over that device's
+    own rows: memory per device is O(chunk_size x P) and the ``(N, ...)`` gradients come back
+    sharded on their leading axis. N must be divisible by the number of devices on ``axis``.
+    ``grad_kwargs`` (e.g. ``strategy="map"``) are forwarded to ``per_example_grads``.
+    """
+    from pivotal.features import per_example_grads
+
+    shards = _check_mesh(mesh, axis)
+    n = _leading_size(batch, "batch")
+    if n % shards:
+        raise ValueError(f"batch has N={n} examples, not divisible by the {shards} devices of {axis!r}")
+    if chunk_size is not None:
+        _check_int(chunk_size, "chunk_size", 1)
+    batch = _as_example_sharded(batch, mesh, axis)
+    return per_example_grads(loss_fn, replicate(params, mesh), batch, chunk_size=chunk_size, **grad_kwargs)
+
+
+def sharded_spherical_kmeans(G, num_clusters: int, key, mesh: Mesh, *, axis: AxisName = "data",
+                             **kmeans_kwargs):
     """:func:`pivotal.weighted_spherical_kmeans` with the rows of ``G`` split over ``axis``.
 
-    Same algorithm, same k-means++ seeds for the same key, same stopping rule and the same
-    empty-cluster restarts, so the result equals the single-device one up to float summation
-    order. Each Lloyd step runs per shard (``shard_map``): the assignment of the local rows in
-    blocks of ``block_size`` and their partial S2 sums; the ``(M, D)`` numerators, ``(M,)``
-    denominators and member counts and the objective are then all-reduced (``psum``), so only
-    O(M x D) crosses devices per step and G is never gathered. N not divisible by the device
-    count is padded with zero rows, which carry no weight (they are dropped from the result).
+    The same as ``weighted_spherical_kmeans(G, num_clusters, key, mesh=mesh, mesh_axis=axis,
+    **kmeans_kwargs)``: same algorithm, same k-means++ seeds for the same key, same stopping rule
+    and empty-cluster restarts, so the result equals the single-device one up to float summation
+    order. Each Lloyd step runs per shard: the assignment of the local rows in blocks and their
+    partial S2 sums; only the ``(M, D)`` numerators, ``(M,)`` denominators and member counts and
+    the objective are all-reduced (``psum``), so G is never gathered. N not divisible by the
+    device count is padded with zero rows, which carry no weight (they are dropped from the
+    result).
 
     Returns a :class:`pivotal.kmeans.KMeansResult` whose ``assignments`` stay sharded over
     ``axis`` (when N is divisible) and whose ``centroids`` are replicated.
     """
-    from pivotal.kmeans import KMeansResult
+    from pivotal.kmeans import weighted_spherical_kmeans
 
-    shards = _check_mesh(mesh, axis)
-    G = _check_features(G)
-    n, dim = G.shape
-    num_clusters = _check_int(num_clusters, "num_clusters", 1)
-    if num_clusters > n:
-        raise ValueError(f"num_clusters must satisfy 1 <= num_clusters <= N = {n}, got {num_clusters}")
-    max_iters = _check_int(max_iters, "max_iters", 1)
-    block_size = _check_int(block_size, "block_size", 1)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not (0 <= tol < math.inf):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    capacity = num_clusters if cluster_capacity is None else _check_int(cluster_capacity, "cluster_capacity",
-                                                                        num_clusters)
-    if seed_sample_size is not None:
-        _check_int(seed_sample_size, "seed_sample_size", 1)
-    if init is not None:
-        init = _check_features(init, "init")
-        if tuple(init.shape) != (num_clusters, dim):
-            raise ValueError(f"init must have shape ({num_clusters}, {dim}), got {tuple(init.shape)}")
-        init = jnp.asarray(init, G.dtype)
-        if capacity > num_clusters:
-            init = jnp.concatenate([init, jnp.zeros((capacity - num_clusters, dim), G.dtype)])
-    if not isinstance(G, jax.Array):
-        G = jnp.asarray(G)
-    finite, nonzero = jax.jit(lambda x: (jnp.all(jnp.isfinite(x)), jnp.any(x != 0)))(G)
-    if not bool(finite):
-        raise ValueError("G contains NaN or inf values")
-    if not bool(nonzero):
-        raise ValueError("G must have at least one nonzero row")
-
-    Gp, _ = pad_examples(G, shards)
-    Gp = _as_example_sharded(Gp, mesh, axis)
-    sample = _seed_sample(n, capacity, seed_sample_size)
-    block = min(block_size, Gp.shape[0] // shards)
-    tol_arr = jnp.asarray(tol, G.dtype)
-    m = num_clusters
-    attempt = 0
-    while True:
-        run_key = key if attempt == 0 else jax.random.fold_in(key, attempt)
-        if init is None:
-            seeds = _kmeanspp_seeds(G, run_key, jnp.asarray(m, jnp.int32), capacity=capacity,
-                                    weighted=bool(weighted), sample_size=sample)
-        else:
-            seeds = jnp.where((jnp.arange(capacity) < m)[:, None], init, 0)
-        seeds = replicate(seeds, mesh)
-        C, assign, obj, iters, members = _sharded_lloyd(
-            Gp, seeds, jnp.asarray(max_iters, jnp.int32), tol_arr, mesh=mesh, axis=axis,
-            weighted=bool(weighted), block_size=block)
-        empty = np.asarray(members[:m]) == 0
-        if not empty.any():
-            if Gp.shape[0] != n:
-                assign = assign[:n]
-            return KMeansResult(C[:m] if m < capacity else C, assign, obj, iters)
-        if init is not None:
-            kept = init[:m][~empty]
-            init = jnp.zeros_like(init).at[: kept.shape[0]].set(kept)
-        m -= int(empty.sum())
-        attempt += 1
+    return weighted_spherical_kmeans(G, num_clusters, key, mesh=mesh, mesh_axis=axis, **kmeans_kwargs)
 
 
 # --------------------------------------------------------------------------- RBC sketch
+
 
 
 @functools.partial(jax.jit, static_argnames=("sketch_classes", "sketch_dim", "has_labels"))
