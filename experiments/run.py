@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from experiments import checkpoint
+from experiments import checkpoint, distributed
 from experiments.datasets import dataset_names
 from experiments.models import MODELS
 from experiments.pipeline import METHODS, NOISES, ExperimentConfig
@@ -44,6 +44,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="selection rounds after the warm-up")
     p.add_argument("--mesh", help="shard the example axis over devices, e.g. data=4")
     p.add_argument("--out", default="results", help="output directory (default: results)")
+    distributed.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -390,6 +391,11 @@ def plot_fig1(cfg: ExperimentConfig, methods: Sequence[str], out: str, rows: lis
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    try:  # before any other JAX call
+        distributed.initialize_from_args(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.list_presets:
         print(list_presets())
         return 0
