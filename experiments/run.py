@@ -217,6 +217,12 @@ def run(cfg: ExperimentConfig, methods: Sequence[str], seeds: int, out: str,
     done = {(r["method"], r["seed"]) for r in checkpoint.read_jsonl(results)
             if r.get("config_id") == cid}
     outcomes = {} if outcomes is None else outcomes
+    # Several processes (jax.distributed) share OUT: every one trains (and checkpoints, as
+    # Orbax expects), only process 0 writes the rows.
+    import jax
+
+    primary = jax.process_index() == 0
+    mine: list = []
     for seed in range(seeds):
         todo = [m for m in methods if (m, seed) not in done]
         if not todo:
@@ -241,10 +247,15 @@ def run(cfg: ExperimentConfig, methods: Sequence[str], seeds: int, out: str,
                        warmup=cfg.warmup, realised_noise_rate=problem.noise_rate,
                        num_snapshots=cfg.num_snapshots, config_id=cid,
                        config=dataclasses.asdict(cfg), wall_seconds=time.perf_counter() - t0)
-            checkpoint.append_jsonl(results, row)
+            mine.append(row)
+            if primary:
+                checkpoint.append_jsonl(results, row)
             print(f"seed {seed} {method:10s} test acc {100 * row['test_accuracy']:.2f}%  "
                   f"weight AUC {row['weight_auc'] if row['weight_auc'] is None else round(row['weight_auc'], 3)}",
                   flush=True)
+    if not primary:  # process 0 may not have written its rows yet
+        return [r for r in checkpoint.read_jsonl(results) if r.get("config_id") == cid
+                and (r["method"], r["seed"]) in done] + mine
     return [r for r in checkpoint.read_jsonl(results) if r.get("config_id") == cid]
 
 
@@ -284,8 +295,12 @@ def run_all(configs: list, methods: Sequence[str], seeds: int, out: str, *,
     if sweep is not None:
         parts.append(summarise_sweep(rows_by_label, methods, sweep[0]))
     table = "\n".join(parts)
-    checkpoint.write_text_atomic(os.path.join(out, "table.md"), table)
     print(table)
+    import jax
+
+    if jax.process_index() != 0:
+        return rows_by_label
+    checkpoint.write_text_atomic(os.path.join(out, "table.md"), table)
     write_plots(configs, methods, out, rows_by_label, plot, outcomes, sweep)
     return rows_by_label
 

@@ -70,3 +70,48 @@ def test_valid_flags_call_jax_distributed_initialize(monkeypatch):
     calls.clear()
     assert distributed.initialize_from_args(parse(["--coordinator", "auto"], monkeypatch)) is True
     assert calls == [dict(num_processes=None, process_id=None, initialization_timeout=300)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_experiments_run_two_processes_match_one(tmp_path):
+    # `python -m experiments.run` over 2 processes x 2 CPU devices (mesh data=4, one shared
+    # --out: every process trains and checkpoints, process 0 writes the rows) gives the rows of
+    # one process with 4 devices.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    common = [sys.executable, "-m", "experiments.run", "--preset", "smoke", "--methods",
+              "random,rbc", "--epochs", "1", "--seeds", "1", "--mesh", "data=4"]
+    port = _free_port()
+    procs = [subprocess.Popen(common + ["--out", str(tmp_path / "multi"), "--coordinator",
+                                        f"localhost:{port}", "--num-processes", "2",
+                                        "--process-id", str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    single_env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    subprocess.run(common + ["--out", str(tmp_path / "single")], env=single_env, check=True,
+                   capture_output=True, timeout=900)
+
+    def rows(name):
+        with open(tmp_path / name / "results.jsonl") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    multi, single = rows("multi"), rows("single")
+    assert [r["method"] for r in multi] == [r["method"] for r in single] == ["random", "rbc"]
+    for a, b in zip(multi, single):
+        assert a["meta_indices"] == b["meta_indices"]
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
+        assert a["weight_auc"] == pytest.approx(b["weight_auc"], rel=1e-5)
