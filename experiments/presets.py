@@ -59,7 +59,9 @@ NOISE80 = dataclasses.replace(MAIN, rate=0.8)
 # Long-tailed MNIST-5k: class c keeps 400 * 200^(-c/9) of its 400 training examples (class 9
 # keeps 2, about 900 in all); MNIST-5k is the one embedded set with ten classes and enough
 # examples per class for a factor of 200 to bite. Clean labels, so label-aware features.
-IMBALANCED = dataclasses.replace(MAIN, noise="none", rate=0.0, imbalance=200.0)
+# Batch 64 keeps ~14 steps per epoch on the ~900 examples (batch 256: 3); chosen on the
+# warm-up's validation accuracy of seed 0 (0.73 with 64 against 0.65 with 256).
+IMBALANCED = dataclasses.replace(MAIN, noise="none", rate=0.0, imbalance=200.0, batch_size=64)
 # The sweeps below train 10 epochs (warm-up and final) instead of 20 to fit 30 minutes.
 SHORT = dict(warmup_epochs=10, epochs=10, finetune_epochs=10)
 
