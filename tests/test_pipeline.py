@@ -139,3 +139,46 @@ def test_mesh_run_matches_single_device(tmp_path):
     assert four["config"]["mesh"] == 4 and one["config"]["mesh"] is None
     assert one["meta_indices"] == four["meta_indices"]
     assert abs(one["test_accuracy"] - four["test_accuracy"]) <= 0.01
+
+
+def test_sweep_shares_the_warmup_and_records_rounds_and_theorems(tmp_path):
+    import dataclasses
+
+    out = str(tmp_path)
+    cfg = dataclasses.replace(SMOKE, warmup_epochs=2, epochs=2, rounds=2, diagnostics=True)
+    configs = run.sweep_configs(cfg, ("num_snapshots", (1, 2)))
+    by_label = run.run_all(configs, ("rbc",), 1, out, sweep=("num_snapshots", (1, 2)))
+    # The two configs differ only after the warm-up: one warm-up run serves both.
+    work = os.listdir(os.path.join(out, "work"))
+    assert len([d for d in work if d.startswith("warmup-")]) == 1
+    assert len([d for d in work if not d.startswith("warmup-")]) == 2
+    for label, k in (("num_snapshots=1", 1), ("num_snapshots=2", 2)):
+        (row,) = by_label[label]
+        extra = SMOKE.budget - SMOKE.warmup
+        assert row["round_meta_count"] == [SMOKE.warmup + extra // 2, SMOKE.budget]
+        assert row["round_test_accuracy"][-1] == row["test_accuracy"]
+        assert len(row["snapshot_epochs"]) == 2 and len(row["snapshot_epochs"][0]) <= k
+        assert 0.0 <= row["weight_auc_boundary"] <= 1.0
+        # Label-free RBC rows are softmax (>= 0) outer ReLU features (>= 0): no negative
+        # inner product, so Theorem 1's D_j is inf for every example.
+        assert row["d_inf_fraction"] == [1.0, 1.0] and row["d_min"] == [float("inf")] * 2
+        assert all(d >= 1.0 for d in row["d_aware_min"])
+        assert all(0 <= s <= c for s, c in zip(row["stable_count"], row["candidate_count"]))
+    table = open(os.path.join(out, "table.md")).read()
+    assert "Test accuracy (%) by num_snapshots" in table and "stable examples" in table
+    assert "| rbc | 2 meta" not in table and "meta |" in table  # the per-round table
+
+
+def test_without_warmup_selects_the_whole_budget(tmp_path):
+    import dataclasses
+
+    cfg = dataclasses.replace(SMOKE, warmup=0, warmup_epochs=2, epochs=2)
+    rows = run.run(cfg, ("random", "rbc"), 1, str(tmp_path))
+    assert [len(r["meta_indices"]) for r in rows] == [SMOKE.budget, SMOKE.budget]
+    assert rows[0]["meta_indices"] != rows[1]["meta_indices"]
+    problem = pipeline.make_problem(cfg, 0)
+    model = pipeline.build_model(cfg, problem)
+    warm = pipeline.warmup_run(problem, model, cfg, 0, run.warmup_dir(str(tmp_path), cfg, 0))
+    assert warm[0].size == 0 and warm[1].weights is None  # plain training, nothing cleaned
+    with pytest.raises(ValueError, match="ta-vaal .* needs a warm-up"):
+        pipeline.run_method("ta-vaal", problem, model, cfg, 0, str(tmp_path / "w"), warm)
