@@ -8,7 +8,8 @@ approximate the inner products of full per-example loss gradients
   layer's kernel, ``A_j outer h_j``, from one forward pass.
 * :func:`gbc_features` -- GBC (Eq. 13-14): per-example gradients of a few layers
   importance-sampled with probability ``p_l = A_l / sum_l A_l``, scaled so the
-  feature inner products are unbiased for the full-gradient inner products.
+  feature inner products are unbiased for the full-gradient inner products;
+  optionally sketched (``sketch_dim``) to a bounded width per layer, still unbiased.
 * :func:`per_example_grads` -- chunked per-example gradients (``vmap(grad)`` or an
   un-batched ``grad`` per example), the workhorse of GBC.
 * :func:`sample_snapshot_epochs` / :func:`history_features` -- Alg. 3: features from
@@ -545,11 +546,34 @@ def _leaf_sq_norms_of_mean_grad(loss_fn, params, batch, chunk_size):
     return _sq_norms_of_mean(total, n)
 
 
-def _selected_chunk(loss_fn, params, chunk, leaf_ids, leaf_scales, strategy):
+def _sketch_leaf(g, projection):
+    """``left^T g right`` flattened, ``g`` viewed as a matrix (see :func:`_as_matrix_shape`).
+
+    ``projection = (left (a, k_a) or None, right (b, k_b) or None)``; None is the identity
+    (that side kept exact). The product is taken in the cheaper order.
+    """
+    left, right = projection
+    g = jnp.reshape(g, _as_matrix_shape(jnp.shape(g)))
+    a, b = g.shape
+    k_a = a if left is None else left.shape[1]
+    k_b = b if right is None else right.shape[1]
+    left_first = k_a * b * (a + k_b) <= a * k_b * (b + k_a)
+    if left is not None and left_first:
+        g = left.T @ g
+    if right is not None:
+        g = g @ right
+    if left is not None and not left_first:
+        g = left.T @ g
+    return jnp.ravel(g)
+
+
+def _selected_chunk(loss_fn, params, chunk, leaf_ids, leaf_scales, strategy, projections=None):
     """``(c, D)``: per-example gradients of the leaves ``leaf_ids`` only, flattened and scaled.
 
     ``leaf_ids`` lists the leaves in column order (a leaf may repeat); ``leaf_scales``
-    holds one factor per entry.
+    holds one factor per entry; ``projections`` (None: no sketch) one ``(left, right)``
+    pair per entry, applied by :func:`_sketch_leaf` before the scale, so only the
+    sketched columns of a chunk are ever written.
 
     Only the selected leaves are differentiated; the others are closed-over constants,
     so XLA neither forms their weight gradients nor backpropagates below the lowest
@@ -571,32 +595,100 @@ def _selected_chunk(loss_fn, params, chunk, leaf_ids, leaf_scales, strategy):
 
     def feature_one(example):
         grads = grad_one(selected, example)
-        return jnp.concatenate([leaf_scales[k] * jnp.ravel(grads[slot[i]]) for k, i in enumerate(leaf_ids)])
+        if projections is None:
+            blocks = [jnp.ravel(grads[slot[i]]) for i in leaf_ids]
+        else:
+            blocks = [_sketch_leaf(grads[slot[i]], projections[k]) for k, i in enumerate(leaf_ids)]
+        return jnp.concatenate([leaf_scales[k] * block for k, block in enumerate(blocks)])
 
     return _map_examples(feature_one, chunk, strategy)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "leaf_ids", "size", "strategy", "placement"),
                    donate_argnums=(0,))
-def _selected_step(out, start, params, batch, leaf_scales, loss_fn, leaf_ids, size, strategy, placement=None):
-    def write(out, start, params, batch, leaf_scales):
+def _selected_step(out, start, params, batch, leaf_scales, projections, loss_fn, leaf_ids, size, strategy,
+                   placement=None):
+    def write(out, start, params, batch, leaf_scales, projections):
         chunk = _slice_rows(batch, start, size)
-        return _write_rows(out, _selected_chunk(loss_fn, params, chunk, leaf_ids, leaf_scales, strategy), start)
+        rows = _selected_chunk(loss_fn, params, chunk, leaf_ids, leaf_scales, strategy, projections)
+        return _write_rows(out, rows, start)
 
-    return per_shard(write, placement, (True, False, False, True, False), True)(out, start, params, batch, leaf_scales)
+    return per_shard(write, placement, (True, False, False, True, False, False), True)(
+        out, start, params, batch, leaf_scales, projections)
 
 
-def _selected_leaf_features(loss_fn, params, batch, leaf_ids, leaf_scales, chunk_size, strategy="vmap"):
+def _selected_leaf_features(loss_fn, params, batch, leaf_ids, leaf_scales, chunk_size, strategy="vmap",
+                            projections=None):
     """``(N, D)`` GBC features of the leaves ``leaf_ids``, chunk by chunk into a preallocated output."""
     batch = jax.tree_util.tree_map(jnp.asarray, batch)
-    # The scales travel with the parameters: replicated alongside them on a sharded batch.
+    # The scales and projections travel with the parameters: replicated alongside them on a
+    # sharded batch, so every shard and every chunk applies the same ones.
     return _chunked_rows(
-        lambda p, chunk: _selected_chunk(loss_fn, p[0], chunk, leaf_ids, p[1], strategy),
+        lambda p, chunk: _selected_chunk(loss_fn, p[0], chunk, leaf_ids, p[1], strategy, p[2]),
         batch,
         chunk_size,
-        lambda out, start, p, b, c, placement: _selected_step(out, start, p[0], b, p[1], loss_fn, leaf_ids, c,
-                                                              strategy, placement),
-        (params, leaf_scales),
+        lambda out, start, p, b, c, placement: _selected_step(out, start, p[0], b, p[1], p[2], loss_fn, leaf_ids,
+                                                              c, strategy, placement),
+        (params, leaf_scales, projections),
+    )
+
+
+# ---------------------------------------------------------------------------
+# GBC sketch
+# ---------------------------------------------------------------------------
+
+
+def _check_sketch_dim(sketch_dim) -> int | tuple[int, int] | None:
+    """``sketch_dim`` as None, an int or a pair of ints; ValueError for anything else."""
+    is_positive = lambda k: not isinstance(k, bool) and isinstance(k, (int, np.integer)) and k >= 1
+    if sketch_dim is None:
+        return None
+    if isinstance(sketch_dim, (tuple, list)) and len(sketch_dim) == 2 and all(map(is_positive, sketch_dim)):
+        return int(sketch_dim[0]), int(sketch_dim[1])
+    if is_positive(sketch_dim):
+        return int(sketch_dim)
+    raise ValueError(
+        f"`sketch_dim` must be None, a positive integer k (columns per leaf) or a pair (k_a, k_b) of positive "
+        f"integers; got {sketch_dim!r}."
+    )
+
+
+def _check_key(name: str, key) -> None:
+    if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape == (2,))):
+        raise TypeError(f"`{name}` must be a jax.random key; got {type(key)} {getattr(key, 'shape', '')}.")
+
+
+def _as_matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """``(a, b)``: a leaf of ``shape`` as a matrix, its last axis against all the others.
+
+    A Dense kernel ``(d_in, d_out)`` stays as it is, a conv kernel ``(kh, kw, c_in, c_out)``
+    becomes ``(kh kw c_in, c_out)``, a vector ``(d,)`` is ``(1, d)`` and a scalar ``(1, 1)``.
+    """
+    if len(shape) < 2:
+        return 1, math.prod(shape)
+    return math.prod(shape[:-1]), shape[-1]
+
+
+def _sketch_widths(shape: Sequence[int], sketch_dim: int | tuple[int, int]) -> tuple[int, int]:
+    """``(k_a, k_b)``: the sketched widths of a leaf of ``shape`` (``k == side``: kept exact)."""
+    a, b = _as_matrix_shape(shape)
+    if isinstance(sketch_dim, tuple):
+        return min(a, sketch_dim[0]), min(b, sketch_dim[1])
+    if a * b <= sketch_dim:
+        return a, b
+    # Near-square split of the k columns: the smaller side first, the larger takes what is left.
+    k_small = min(a, b, math.isqrt(sketch_dim))
+    k_large = min(max(a, b), sketch_dim // k_small)
+    return (k_small, k_large) if a <= b else (k_large, k_small)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "widths", "dtype"))
+def _leaf_projection(key, shape, widths, dtype):
+    """``(left (a, k_a), right (b, k_b))``: standard Gaussian over ``sqrt(k)``, None where ``k`` is the side."""
+    sides = _as_matrix_shape(shape)
+    return tuple(
+        None if k == side else jax.random.normal(side_key, (side, k), dtype) / math.sqrt(k)
+        for side_key, side, k in zip(jax.random.split(key), sides, widths)
     )
 
 
@@ -611,7 +703,8 @@ class GBCInfo(NamedTuple):
       blocks: names of the feature blocks, in column order.
       counts: ``(len(blocks),)`` how many draws each block stands for.
       scales: ``(len(blocks),)`` the factor each block's gradient was multiplied by.
-      block_sizes: ``(len(blocks),)`` columns of each block (the layer's parameter count).
+      block_sizes: ``(len(blocks),)`` columns of each block (the layer's parameter count;
+        with ``sketch_dim``, its sketched width).
     """
 
     layer_names: tuple[str, ...]
@@ -638,6 +731,8 @@ def gbc_features(
     strategy: str = "vmap",
     importance_chunk_size: int | None = None,
     importance_sample_size: int | None = None,
+    sketch_dim: int | tuple[int, int] | None = None,
+    sketch_key: jax.Array | None = None,
 ):
     r"""GBC features (paper Eq. 13-14): importance-sampled per-example layer gradients.
 
@@ -683,6 +778,39 @@ def gbc_features(
     For label noise, build ``loss_fn`` on :func:`label_free_loss` (the paper's label-free
     gradient); for class imbalance, use the cross-entropy.
 
+    Sketch (``sketch_dim``): bounds the width per leaf instead of the layer's size. Each drawn
+    leaf's per-example gradient, viewed as an ``(a, b)`` matrix ``g`` (its last axis against
+    the others: a Dense kernel ``(d_in, d_out)`` as it is, a conv kernel
+    ``(kh, kw, c_in, c_out)`` as ``(kh kw c_in, c_out)``, a vector ``(d,)`` as ``(1, d)``), is
+    replaced inside the chunk step by
+
+    .. math::
+        s = P_a^\top g\, P_b / \sqrt{k_a k_b}, \qquad P_a \in \mathbb{R}^{a \times k_a},\;
+        P_b \in \mathbb{R}^{b \times k_b} \text{ independent standard Gaussian},
+
+    flattened (``k_a k_b`` columns) and multiplied by the same ``sqrt(c_l / (R p_l))``. This
+    is ``(P_a \otimes P_b)^T vec(g) / sqrt(k_a k_b)`` (row-major ``vec``): a Kronecker-
+    structured projection whose matrices hold ``a k_a + b k_b`` numbers, never ``a b k_a k_b``.
+    A side whose width equals its size is kept exact (``P = I``, no projection, no error).
+    Since ``E[P P^T] / k = I`` on each side and the sides are independent,
+    ``E <S_i, S_j> = <G_i, G_j>`` over the projection: the sketch is unbiased for the
+    unsketched features, hence (over the layer draw too) for the full gradient Gram matrix.
+    Its variance grows as the sketch narrows: see ``docs/SCALING.md`` ("GBC sketch") for
+    measured errors.
+
+    * ``sketch_dim=k``: at most ``k`` columns per leaf. A leaf of at most ``k`` entries is
+      kept exact; otherwise the smaller side gets ``k_s = min(side, isqrt(k))`` columns and
+      the larger ``min(side, k // k_s)`` (so a vector longer than ``k`` gets a plain Gaussian
+      projection to ``k``, a ``(784, 256)`` kernel with ``k = 256`` a ``16 x 16`` sketch).
+    * ``sketch_dim=(k_a, k_b)``: ``min(a, k_a) x min(b, k_b)`` columns per leaf (a vector:
+      ``min(d, k_b)``, its length being the ``b`` side).
+
+    Leaf ``i`` (in ``tree_leaves`` order) is projected with matrices drawn from
+    ``fold_in(sketch_key, i)``: the same for every chunk, every shard, every layer draw and
+    every call given the same ``sketch_key`` and parameter structure (pass one ``sketch_key``
+    to :func:`make_gbc_feature_fn` to share the projection across the snapshots of
+    :func:`history_features`). With ``sketch_key=None`` it is derived from ``key``.
+
     Args:
       loss_fn: ``loss_fn(params, batch) -> (B,)`` per-example losses.
       params: parameter pytree.
@@ -703,9 +831,14 @@ def gbc_features(
         per-example gradients, so it affords larger chunks.
       importance_sample_size: estimate ``A_l`` from this many random rows (None = all N;
         values >= N use all N).
+      sketch_dim: None (default: exact gradients), an int ``k`` (at most ``k`` columns per
+        leaf) or a pair ``(k_a, k_b)`` (rows x columns of each leaf's sketch); see above.
+      sketch_key: ``jax.random`` key of the sketch's projections (only with ``sketch_dim``);
+        None = ``fold_in(key, 2)``.
 
     Returns:
-      ``(N, D)`` features, D the summed size of the blocks; ``(features, info)`` with
+      ``(N, D)`` features, D the summed size of the blocks (the drawn layers' parameter
+      counts, or with ``sketch_dim`` their sketched widths); ``(features, info)`` with
       ``return_info``.
     """
     _check_positive_int("num_layers", num_layers)
@@ -713,8 +846,12 @@ def gbc_features(
     _check_positive_int("importance_chunk_size", importance_chunk_size, allow_none=True)
     _check_positive_int("importance_sample_size", importance_sample_size, allow_none=True)
     _check_strategy(strategy)
-    if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape == (2,))):
-        raise TypeError(f"`key` must be a jax.random key; got {type(key)} {getattr(key, 'shape', '')}.")
+    _check_key("key", key)
+    sketch_dim = _check_sketch_dim(sketch_dim)
+    if sketch_key is not None:
+        if sketch_dim is None:
+            raise ValueError("`sketch_key` is only used with `sketch_dim`; pass `sketch_dim` too (or no `sketch_key`).")
+        _check_key("sketch_key", sketch_key)
     n = leading_size(batch, "batch")
     groups = layer_groups_of(params, layer_groups)
     leaves = jax.tree_util.tree_leaves(params)
@@ -762,15 +899,26 @@ def gbc_features(
     leaf_ids: list[int] = []
     leaf_scales: list[float] = []
     block_sizes: list[int] = []
+    # Columns of each leaf: its size, or its sketched width k_a k_b.
+    widths = {i: (_as_matrix_shape(np.shape(leaves[i])) if sketch_dim is None
+                  else _sketch_widths(np.shape(leaves[i]), sketch_dim)) for ids in groups.values() for i in ids}
     for layer, scale in zip(block_layers, scales):
         ids = groups[names[layer]]
         leaf_ids.extend(ids)
         leaf_scales.extend([scale] * len(ids))
-        block_sizes.append(int(sum(math.prod(np.shape(leaves[i])) for i in ids)))
+        block_sizes.append(int(sum(math.prod(widths[i]) for i in ids)))
 
     dtype = jnp.result_type(*[leaves[i] for i in leaf_ids])
+    projections = None
+    if sketch_dim is not None:
+        sketch_key = jax.random.fold_in(key, 2) if sketch_key is None else sketch_key
+        # One projection per leaf, from (sketch_key, leaf index) alone; the same arrays for repeats.
+        by_leaf = {i: _leaf_projection(jax.random.fold_in(sketch_key, i), tuple(np.shape(leaves[i])), widths[i],
+                                       np.dtype(dtype)) for i in set(leaf_ids)}
+        projections = tuple(by_leaf[i] for i in leaf_ids)
     features = _selected_leaf_features(
-        loss_fn, params, batch, tuple(leaf_ids), jnp.asarray(leaf_scales, dtype=dtype), chunk_size, strategy
+        loss_fn, params, batch, tuple(leaf_ids), jnp.asarray(leaf_scales, dtype=dtype), chunk_size, strategy,
+        projections,
     )
     if not return_info:
         return features
@@ -987,7 +1135,9 @@ def make_gbc_feature_fn(loss_fn: LossFn, batch: PyTree, **gbc_kwargs) -> Callabl
     Each snapshot gets its own importances and its own layer draw (from its key), as in
     Alg. 3. ``gbc_kwargs`` go to :func:`gbc_features` (``num_layers``, ``chunk_size``,
     ``layer_groups``, ``merge_repeats``, ``strategy``, ``importance_chunk_size``,
-    ``importance_sample_size``).
+    ``importance_sample_size``, ``sketch_dim``, ``sketch_key``). With ``sketch_dim``, a
+    ``sketch_key`` given here projects every snapshot's gradients with the same matrices;
+    without one each snapshot derives its own from its key (unbiased either way).
     """
     if gbc_kwargs.get("return_info"):
         raise ValueError("`return_info` cannot be used inside a history feature_fn.")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import chex
 import flax.linen as nn
@@ -417,6 +421,262 @@ def test_gbc_subsampled_importance_gram_still_unbiased(x64):
 
 
 # ---------------------------------------------------------------------------
+# GBC sketch
+# ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _make_wide_problem(x64_enabled):
+    """A wider Net (16 -> 32 -> 24 -> 10) on 12 examples, so that sketching has columns to cut."""
+    model = Net(hidden=32, penultimate=24, classes=10)
+    k_init, k_x, k_y = jax.random.split(jax.random.PRNGKey(0), 3)
+    dtype = jnp.float64 if x64_enabled else jnp.float32
+    x = jax.random.normal(k_x, (12, 16), dtype=dtype)
+    y = jax.random.randint(k_y, (12,), 0, model.classes)
+    params = jax.tree_util.tree_map(lambda p: p.astype(dtype), jax.jit(model.init)(k_init, x[:1]))
+
+    def ce_loss(p, b):
+        _, z = model.apply(p, b["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(z, b["y"])
+
+    return params, {"x": x, "y": y}, ce_loss
+
+
+def make_wide_problem():
+    return _make_wide_problem(bool(jax.config.jax_enable_x64))
+
+
+def _all_one_layer(path):
+    return "all"
+
+
+def test_gbc_sketch_default_unchanged(x64):
+    # sketch_dim=None is the exact path; a sketch at least as wide as every leaf keeps every
+    # side exact (no projection at all), so it gives the same features bit for bit.
+    _, params, batch, ce_loss, _ = make_problem()
+    key = jax.random.PRNGKey(3)
+    for kwargs in ({}, {"chunk_size": 3}, {"merge_repeats": False, "num_layers": 6}):
+        ref, info_ref = gbc_features(ce_loss, params, batch, key, return_info=True, **kwargs)
+        plain, info = gbc_features(ce_loss, params, batch, key, return_info=True, sketch_dim=None, **kwargs)
+        np.testing.assert_array_equal(plain, ref)
+        np.testing.assert_array_equal(info.block_sizes, info_ref.block_sizes)
+        for wide in (10**6, (100, 100)):
+            got, info_wide = gbc_features(ce_loss, params, batch, key, return_info=True, sketch_dim=wide,
+                                          sketch_key=jax.random.PRNGKey(9), **kwargs)
+            np.testing.assert_array_equal(got, ref)
+            np.testing.assert_array_equal(info_wide.block_sizes, info_ref.block_sizes)
+
+
+def test_gbc_sketch_is_unbiased_for_fixed_layer_draw(x64):
+    # The layer draw is fixed (same `key`); only the sketch key varies. The mean over K = 200
+    # sketch keys of the sketched Gram matrix S S^T converges to the exact GBC Gram G G^T: its
+    # relative Frobenius error is ~ sigma_1 / sqrt(K), sigma_1 the single-sketch relative RMS
+    # error (~1.0 here: 40 of 1,336 columns), i.e. ~0.07 (0.085 measured); we allow 0.15. A
+    # mis-scaled sketch (the blocks without their importance factor sqrt(c / (R p)), which
+    # this draw puts at 1.13 and 1.42) stays biased however many keys are averaged (0.38).
+    params, batch, ce_loss = make_wide_problem()
+    key = jax.random.PRNGKey(1)
+    exact, info = gbc_features(ce_loss, params, batch, key, num_layers=2, return_info=True)
+    assert len(info.blocks) == 2 and np.all(info.scales > 1.1)
+    exact = np.asarray(exact)
+    gram = exact @ exact.T
+    norm = np.linalg.norm(gram)
+    grams, wrong_grams = [], []
+    for sketch_key in jax.random.split(jax.random.PRNGKey(7), 200):
+        feats, sk_info = gbc_features(ce_loss, params, batch, key, num_layers=2, sketch_dim=(4, 4),
+                                      sketch_key=sketch_key, return_info=True)
+        assert sk_info.blocks == info.blocks
+        np.testing.assert_array_equal(sk_info.scales, info.scales)
+        feats = np.asarray(feats)
+        grams.append(feats @ feats.T)
+        blocks = _split_blocks(feats, sk_info)
+        wrong = np.concatenate([b / s for b, s in zip(blocks, sk_info.scales)], axis=1)
+        wrong_grams.append(wrong @ wrong.T)
+    assert feats.shape[1] < exact.shape[1] / 10
+    single_err = np.mean([np.linalg.norm(g - gram) ** 2 for g in grams]) ** 0.5 / norm
+    err = np.linalg.norm(np.mean(grams, axis=0) - gram) / norm
+    wrong_err = np.linalg.norm(np.mean(wrong_grams, axis=0) - gram) / norm
+    print(f"GBC sketch (4, 4), fixed layer draw: Gram relative error {single_err:.3f} for one sketch key, "
+          f"{err:.3f} for the mean over 200 keys, {wrong_err:.3f} mis-scaled")
+    assert single_err > 0.3  # one sketch is far off: it is the averaging that converges
+    assert err < 0.15, (err, single_err)
+    assert wrong_err > 0.3, wrong_err
+
+
+def test_gbc_sketch_error_shrinks_with_width(x64):
+    # Mean relative inner-product error |<S_i, S_j> - <G_i, G_j>| / (|G_i| |G_j|) over all
+    # pairs (i, j) and 50 sketch keys, and the relative RMS (Frobenius) error of one sketch's
+    # Gram matrix, for the same layer draw at three widths per leaf. Printed with `-s`;
+    # docs/SCALING.md ("GBC sketch") quotes the numbers.
+    params, batch, ce_loss = make_wide_problem()
+    key = jax.random.PRNGKey(1)
+    exact = np.asarray(gbc_features(ce_loss, params, batch, key, num_layers=3))
+    gram = exact @ exact.T
+    norms = np.sqrt(np.diag(gram))
+    scale = np.outer(norms, norms)
+    errors, widths = {}, {}
+    for sketch_dim in (16, 64, 256):
+        per_key, gram_errors = [], []
+        for sketch_key in jax.random.split(jax.random.PRNGKey(11), 50):
+            feats = np.asarray(gbc_features(ce_loss, params, batch, key, num_layers=3, sketch_dim=sketch_dim,
+                                            sketch_key=sketch_key))
+            per_key.append(np.mean(np.abs(feats @ feats.T - gram) / scale))
+            gram_errors.append(np.linalg.norm(feats @ feats.T - gram) ** 2)
+        errors[sketch_dim], widths[sketch_dim] = np.mean(per_key), feats.shape[1]
+        print(f"GBC sketch_dim={sketch_dim}: {widths[sketch_dim]} of {exact.shape[1]} columns, mean relative "
+              f"inner-product error {errors[sketch_dim]:.3f} (std over keys {np.std(per_key):.3f}), "
+              f"Gram RMS relative error {np.mean(gram_errors) ** 0.5 / np.linalg.norm(gram):.3f}")
+    assert widths[16] < widths[64] < widths[256] < exact.shape[1]
+    assert errors[16] > errors[64] > errors[256], errors
+    assert errors[256] < 0.5 * errors[16], errors
+
+
+def test_gbc_sketch_shapes_and_values():
+    # A conv-shaped (3, 3, 2, 4) kernel is sketched as an (18, 4) matrix, the scalar kept exact;
+    # each block is scale * ravel(P_a^T g P_b) with the projections of fold_in(sketch_key, leaf).
+    from pivotal.features import _as_matrix_shape, _leaf_projection, _sketch_widths
+
+    params = {"conv": {"kernel": 0.3 * jax.random.normal(jax.random.PRNGKey(0), (3, 3, 2, 4)), "gain": jnp.array(1.5)},
+              "dense": {"kernel": 0.3 * jax.random.normal(jax.random.PRNGKey(1), (4, 30)),
+                        "bias": 0.1 * jnp.ones(30)}}
+
+    def loss_fn(p, b):
+        h = jnp.tanh(b["x"].reshape(b["x"].shape[0], -1) @ p["conv"]["kernel"].reshape(18, 4)) * p["conv"]["gain"]
+        return jnp.sum(jnp.tanh(h @ p["dense"]["kernel"] + p["dense"]["bias"]) ** 2, axis=1)
+
+    batch = {"x": jax.random.normal(jax.random.PRNGKey(2), (7, 3, 3, 2))}
+    key, sketch_key = jax.random.PRNGKey(4), jax.random.PRNGKey(5)
+    assert _as_matrix_shape((3, 3, 2, 4)) == (18, 4) and _as_matrix_shape((30,)) == (1, 30)
+    assert _as_matrix_shape(()) == (1, 1)
+    # int k: at most k columns per leaf, split near-square; (k_a, k_b): rows x columns.
+    assert _sketch_widths((3, 3, 2, 4), 8) == (4, 2) and _sketch_widths((4, 30), 8) == (2, 4)
+    assert _sketch_widths((30,), 8) == (1, 8) and _sketch_widths((), 8) == (1, 1)
+    assert _sketch_widths((4, 30), 120) == (4, 30) and _sketch_widths((4, 30), 100) == (4, 25)
+    assert _sketch_widths((784, 256), 256) == (16, 16)
+    assert _sketch_widths((3, 3, 2, 4), (5, 3)) == (5, 3) and _sketch_widths((30,), (5, 3)) == (1, 3)
+    grads = per_example_grads(loss_fn, params, batch)
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    index_of = {jax.tree_util.keystr(path): i for i, path in enumerate(paths)}
+    for sketch_dim, width in ((8, {"conv": 8 + 1, "dense": 8 + 8}), ((5, 3), {"conv": 15 + 1, "dense": 12 + 3})):
+        feats, info = gbc_features(loss_fn, params, batch, key, num_layers=4, sketch_dim=sketch_dim,
+                                   sketch_key=sketch_key, return_info=True)
+        np.testing.assert_array_equal(info.block_sizes, [width[name] for name in info.blocks])
+        chex.assert_shape(feats, (7, sum(width[name] for name in info.blocks)))
+        for block, name, scale in zip(_split_blocks(feats, info), info.blocks, info.scales):
+            columns = []
+            for path, leaf in jax.tree_util.tree_flatten_with_path(grads[name])[0]:
+                shape = np.shape(leaf)[1:]
+                index = index_of[jax.tree_util.keystr((jax.tree_util.DictKey(name),) + path)]
+                left, right = _leaf_projection(jax.random.fold_in(sketch_key, index), shape,
+                                               _sketch_widths(shape, sketch_dim), np.dtype(np.float32))
+                g = np.asarray(leaf).reshape((7,) + _as_matrix_shape(shape))
+                if left is not None:
+                    g = np.einsum("ak,nab->nkb", left, g)
+                if right is not None:
+                    g = np.einsum("nab,bk->nak", g, right)
+                columns.append(g.reshape(7, -1))
+            np.testing.assert_allclose(block, scale * np.concatenate(columns, axis=1), rtol=1e-4, atol=1e-6)
+
+
+def test_gbc_sketch_bad_arguments():
+    _, params, batch, ce_loss, _ = make_problem()
+    key = jax.random.PRNGKey(0)
+    for bad in (0, -3, 2.5, True, "16", (4,), (4, 0), (2, 3, 4), (4, 2.0), [1, -1]):
+        with pytest.raises(ValueError, match="sketch_dim"):
+            gbc_features(ce_loss, params, batch, key, sketch_dim=bad)
+    with pytest.raises(ValueError, match="sketch_key"):
+        gbc_features(ce_loss, params, batch, key, sketch_key=jax.random.PRNGKey(1))
+    with pytest.raises(TypeError, match="sketch_key"):
+        gbc_features(ce_loss, params, batch, key, sketch_dim=4, sketch_key=3)
+    # A list pair is accepted like a tuple.
+    got = gbc_features(ce_loss, params, batch, key, sketch_dim=[2, 3], sketch_key=jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(
+        got, gbc_features(ce_loss, params, batch, key, sketch_dim=(2, 3), sketch_key=jax.random.PRNGKey(1)))
+
+
+def test_gbc_sketch_deterministic_across_chunks_calls_and_snapshots(x64):
+    _, params, batch, ce_loss, lf_loss = make_problem()
+    key, sketch_key = jax.random.PRNGKey(5), jax.random.PRNGKey(6)
+    ref = gbc_features(ce_loss, params, batch, key, num_layers=4, sketch_dim=4, sketch_key=sketch_key)
+    np.testing.assert_array_equal(
+        ref, gbc_features(ce_loss, params, batch, key, num_layers=4, sketch_dim=4, sketch_key=sketch_key))
+    # Every chunk (the shifted last one too) and either strategy applies the same projection.
+    for kwargs in ({"chunk_size": 3}, {"chunk_size": 5, "strategy": "map"}):
+        got = gbc_features(ce_loss, params, batch, key, num_layers=4, sketch_dim=4, sketch_key=sketch_key, **kwargs)
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)
+    other = gbc_features(ce_loss, params, batch, key, num_layers=4, sketch_dim=4, sketch_key=jax.random.PRNGKey(7))
+    assert not np.allclose(other, ref)
+    # Default sketch key: fold_in(key, 2).
+    np.testing.assert_array_equal(
+        gbc_features(ce_loss, params, batch, key, num_layers=4, sketch_dim=4),
+        gbc_features(ce_loss, params, batch, key, num_layers=4, sketch_dim=4, sketch_key=jax.random.fold_in(key, 2)))
+    # The projection depends on the sketch key alone, not on the layer-draw key: with one layer
+    # (p = 1, scale 1) two draw keys give the same sketch, and so do two snapshots of the history.
+    one = functools.partial(gbc_features, lf_loss, params, batch, layer_groups=_all_one_layer, num_layers=2,
+                            sketch_dim=(2, 3), sketch_key=sketch_key)
+    np.testing.assert_array_equal(one(jax.random.PRNGKey(1)), one(jax.random.PRNGKey(2)))
+    fn = make_gbc_feature_fn(lf_loss, batch, layer_groups=_all_one_layer, num_layers=2, sketch_dim=(2, 3),
+                             sketch_key=sketch_key)
+    history = history_features(fn, [params, params], jax.random.PRNGKey(8))
+    width = history.shape[1] // 2
+    np.testing.assert_array_equal(history[:, :width], history[:, width:])
+    np.testing.assert_array_equal(history[:, :width], one(jax.random.PRNGKey(1)))
+
+
+def _sharded_sketch_worker() -> dict:
+    """Run in a subprocess with 4 CPU devices: sketched GBC on an example-sharded batch."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    import pivotal
+
+    assert jax.device_count() == 4, jax.devices()
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    params = {"l1": {"kernel": 0.5 * jax.random.normal(keys[0], (5, 16)), "bias": jnp.zeros(16)},
+              "l2": {"kernel": 0.5 * jax.random.normal(keys[1], (16, 3)), "bias": jnp.zeros(3)}}
+
+    def loss_fn(p, b):
+        z = jnp.tanh(b["x"] @ p["l1"]["kernel"] + p["l1"]["bias"]) @ p["l2"]["kernel"] + p["l2"]["bias"]
+        return jax.nn.logsumexp(z, -1) - jnp.take_along_axis(z, b["y"][:, None], 1)[:, 0]
+
+    rng = np.random.RandomState(0)
+    batch = {"x": rng.randn(64, 5).astype(np.float32), "y": (np.arange(64) % 3).astype(np.int32)}
+    mesh = pivotal.data_mesh()
+    sharded = pivotal.shard_examples(batch, mesh)
+    out = {}
+    for tag, kwargs in (("whole", {}), ("chunked", {"chunk_size": 5, "importance_chunk_size": 6})):
+        ref = gbc_features(loss_fn, params, batch, keys[2], num_layers=3, sketch_dim=(3, 2), sketch_key=keys[3],
+                           **kwargs)
+        got = gbc_features(loss_fn, params, sharded, keys[2], num_layers=3, sketch_dim=(3, 2), sketch_key=keys[3],
+                           **kwargs)
+        ref, got_host = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+        out[f"{tag}_rel"] = float(np.max(np.abs(got_host - ref)) / np.max(np.abs(ref)))
+        out[f"{tag}_shape"] = list(got.shape)
+        out[f"{tag}_sharded"] = (isinstance(got.sharding, NamedSharding) and len(got.sharding.device_set) == 4
+                                 and tuple(got.sharding.spec)[:1] == tuple(PartitionSpec("data")))
+    return out
+
+
+def test_gbc_sketch_sharded_equals_one_device():
+    # XLA_FLAGS must be set before jax starts: the comparison runs in a subprocess with 4 CPU
+    # devices (this file as a script), as in tests/test_sharding.py.
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "sketch-worker"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    result = json.loads(line[len("RESULT "):])
+    for tag in ("whole", "chunked"):
+        assert result[f"{tag}_rel"] <= 1e-5, result
+        assert result[f"{tag}_sharded"], result
+        # Each layer sketched to 8 columns ((3, 2) kernel + (1, 2) bias); one or two layers drawn.
+        assert result[f"{tag}_shape"][0] == 64 and result[f"{tag}_shape"][1] in (8, 16), result
+
+
+# ---------------------------------------------------------------------------
 # Snapshot history
 # ---------------------------------------------------------------------------
 
@@ -496,3 +756,7 @@ def test_history_features_bad_inputs():
         history_features(fn, [jnp.ones((3, 2))], key, best_epoch=0)
     with pytest.raises(TypeError, match="feature_fn"):
         history_features(None, [jnp.ones((3, 2))], key)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["sketch-worker"]:
+    print("RESULT " + json.dumps(_sharded_sketch_worker()), flush=True)
