@@ -284,14 +284,21 @@ def plot_noise_curve(rows: Sequence[Mapping[str, Any]], path: str, *, x: str = "
         points.setdefault(row["method"], {}).setdefault(xv, []).append(acc)
         seeds.setdefault(row["method"], set()).add(row["seed"])
 
+    return _accuracy_lines(rows, points, seeds, path, x_scale=100.0, title=title,
+                           xlabel="noise rate (%)" if x == "rate" else f"{x} (%)")
+
+
+def _accuracy_lines(rows, points, seeds, path: str, *, x_scale: float, xlabel: str,
+                    title) -> str:
+    """One mean +- std line of test accuracy (%) per method over ``points[method][x]``."""
     fig, ax = plt.subplots(figsize=(5.0, 3.6))
     for method in _first_appearance(rows):
         by_x = points[method]
         xs = np.array(sorted(by_x))
         samples = [100 * np.asarray(by_x[v], float) for v in xs]
-        _mean_std_line(ax, 100 * xs, samples, f"{method} (n={len(seeds[method])})",
+        _mean_std_line(ax, x_scale * xs, samples, f"{method} (n={len(seeds[method])})",
                        marker="o")
-    ax.set_xlabel("noise rate (%)" if x == "rate" else f"{x} (%)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
     if title:
         ax.set_title(title, fontsize=9)
@@ -340,19 +347,8 @@ def plot_rounds(rows: Sequence[Mapping[str, Any]], path: str, *,
             points.setdefault(row["method"], {}).setdefault(int(c), []).append(a)
         seeds.setdefault(row["method"], set()).add(row["seed"])
 
-    fig, ax = plt.subplots(figsize=(5.0, 3.6))
-    for method in _first_appearance(rows):
-        by_count = points[method]
-        xs = np.array(sorted(by_count))
-        samples = [100 * np.asarray(by_count[c], float) for c in xs]
-        _mean_std_line(ax, xs, samples, f"{method} (n={len(seeds[method])})", marker="o")
-    ax.set_xlabel("meta-set size")
-    ax.set_ylabel("test accuracy (%)")
-    if title:
-        ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save_atomic(fig, path)
+    return _accuracy_lines(rows, points, seeds, path, x_scale=1.0, xlabel="meta-set size",
+                           title=title)
 
 
 # ----------------------------------------------------------------------------- Figure 4
