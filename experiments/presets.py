@@ -74,7 +74,7 @@ PRESETS.update({
         "5 seeds", 25.0, dataclasses.replace(MAIN, noise="uniform"), seeds=5),
     "table2": Preset(
         "paper Table 2: long-tailed MNIST-5k (imbalance 200, clean labels, label-aware "
-        "features), all ten methods, 5 seeds", 10.0, IMBALANCED, seeds=5),
+        "features), all ten methods, 5 seeds", 15.0, IMBALANCED, seeds=5),
     "table9": Preset(
         "paper Table 9: long-tailed MNIST-5k (imbalance 200 and 100) + 40% uniform noise, "
         "the paper's eight methods, 5 seeds", 15.0,
@@ -92,7 +92,7 @@ PRESETS.update({
         NOISE80, methods=("random", "rbc", "gbc"), seeds=5),
     "table4-5": Preset(
         "paper Tables 4-5: Theorem 1's D_j statistics and Theorem 2's stable-example counts "
-        "for RBC, MNIST-5k 60% uniform and adversarial noise, 5 seeds", 12.0,
+        "for RBC, MNIST-5k 60% uniform and adversarial noise, 5 seeds", 15.0,
         dataclasses.replace(MAIN, diagnostics=True), methods=("rbc",), seeds=5,
         sweep=("noise", ("uniform", "adversarial"))),
     "table6": Preset(
