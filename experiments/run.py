@@ -200,7 +200,7 @@ def summarise_sweep(rows_by_label: dict, methods: Sequence[str], field: str) -> 
 
 
 def run(cfg: ExperimentConfig, methods: Sequence[str], seeds: int, out: str,
-        plot: Optional[str] = None, outcomes: Optional[dict] = None) -> list[dict]:
+        outcomes: Optional[dict] = None) -> list[dict]:
     """Run (or resume) every method for seeds ``0..seeds-1``; returns this config's rows.
 
     Rows are appended to ``OUT/results.jsonl``; each training run checkpoints under

@@ -123,6 +123,12 @@ def theorem1_ratio(features, centroids, *, block_size: int = DEFAULT_BLOCK_SIZE)
     return _ratio(G, C, _check_block_size(block_size))
 
 
+def _check_same_rows(reference, other, reference_name: str, other_name: str) -> None:
+    if other.shape[0] != reference.shape[0]:
+        raise ValueError(f"{other_name} must have one row per row of {reference_name} "
+                         f"({reference.shape[0]}), got {other.shape[0]}")
+
+
 def stable_examples(
     label_free_features,
     label_aware_features,
@@ -162,18 +168,10 @@ def stable_examples(
     """
     free = _as_features(label_free_features, "label_free_features")
     aware = _as_features(label_aware_features, "label_aware_features")
-    if aware.shape[0] != free.shape[0]:
-        raise ValueError(
-            "label_aware_features must have one row per row of label_free_features "
-            f"({free.shape[0]}), got {aware.shape[0]}"
-        )
+    _check_same_rows(free, aware, "label_free_features", "label_aware_features")
     c_free = _as_features(label_free_centroids, "label_free_centroids")
     c_aware = _as_features(label_aware_centroids, "label_aware_centroids")
-    if c_aware.shape[0] != c_free.shape[0]:
-        raise ValueError(
-            "label_aware_centroids must have one row per row of label_free_centroids "
-            f"({c_free.shape[0]}), got {c_aware.shape[0]}"
-        )
+    _check_same_rows(c_free, c_aware, "label_free_centroids", "label_aware_centroids")
     for name, feats, cents in (("label_free_centroids", free, c_free), ("label_aware_centroids", aware, c_aware)):
         if cents.shape[1] != feats.shape[1]:
             raise ValueError(f"{name} must have {feats.shape[1]} columns like its features, got shape "
