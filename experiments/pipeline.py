@@ -524,9 +524,21 @@ def select(method: str, problem: Problem, model: Model, run: TrainOutcome,
         feats, epochs = selection_features(method, problem, model, run, cfg, k_feat,
                                            return_epochs=True)
         info["snapshot_epochs"] = [int(e) for e in epochs]
-        picked = np.asarray(pivotal.select_meta_samples(
-            feats, count, k_sel, existing=existing, exclude_fraction=cfg.exclude_fraction,
-            weighted=(method != "rbc-k"), max_iters=cfg.kmeans_iters, mesh=data_mesh(cfg)))
+        # Empty K-means clusters leave select_meta_samples short of `count` (paper appendix:
+        # rerun with fewer clusters). Every method must clean the same number of examples for
+        # a fair comparison, so the shortfall is chosen by further Algorithm 2 steps on the same
+        # features, each treating what is picked so far as existing meta samples.
+        existing = np.asarray(existing, np.int64)
+        picked = np.zeros(0, np.int64)
+        calls = 0
+        while picked.size < count:
+            k_call = k_sel if calls == 0 else jax.random.fold_in(k_sel, calls)
+            picked = np.concatenate([picked, np.asarray(pivotal.select_meta_samples(
+                feats, count - picked.size, k_call, existing=np.concatenate([existing, picked]),
+                exclude_fraction=cfg.exclude_fraction, weighted=(method != "rbc-k"),
+                max_iters=cfg.kmeans_iters, mesh=data_mesh(cfg)), np.int64)])
+            calls += 1
+        info["selection_calls"] = calls
         if cfg.diagnostics and method == "rbc" and not cfg.label_aware:
             info.update(theorem_statistics(problem, model, run, cfg, k_feat, feats,
                                            np.asarray(existing), picked))

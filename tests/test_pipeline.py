@@ -182,3 +182,40 @@ def test_without_warmup_selects_the_whole_budget(tmp_path):
     assert warm[0].size == 0 and warm[1].weights is None  # plain training, nothing cleaned
     with pytest.raises(ValueError, match="ta-vaal .* needs a warm-up"):
         pipeline.run_method("ta-vaal", problem, model, cfg, 0, str(tmp_path / "w"), warm)
+
+
+def test_short_kmeans_selection_is_topped_up_to_the_count(tmp_path, monkeypatch):
+    """Empty clusters make select_meta_samples return fewer than asked; select() tops up."""
+    import dataclasses
+
+    import jax
+    import pivotal
+
+    cfg = dataclasses.replace(SMOKE, warmup_epochs=2)
+    problem = pipeline.make_problem(cfg, 0)
+    model = pipeline.build_model(cfg, problem)
+    meta0, warm = pipeline.warmup_run(problem, model, cfg, 0, str(tmp_path))
+    real = pivotal.select_meta_samples
+    calls = []
+
+    def one_cluster_only(features, budget, key, *, existing=None, **kwargs):
+        full = real(features, budget, key, existing=existing, **kwargs)
+        calls.append((budget, np.asarray(existing).copy(), full))
+        return full[:1]
+
+    monkeypatch.setattr(pipeline.pivotal, "select_meta_samples", one_cluster_only)
+    info = {}
+    picked = pipeline.select("rbc", problem, model, warm, meta0, 5, cfg,
+                             jax.random.PRNGKey(3), info)
+    assert picked.size == len(set(picked.tolist())) == 5
+    assert np.intersect1d(picked, meta0).size == 0
+    assert info["selection_calls"] == 5 and [c[0] for c in calls] == [5, 4, 3, 2, 1]
+    # Each further call treats everything picked so far as existing meta samples.
+    for i, (_, existing, _) in enumerate(calls):
+        np.testing.assert_array_equal(np.sort(existing), np.sort(np.r_[meta0, picked[:i]]))
+    # The first call is the one an unpatched selection makes (same features, same key): runs
+    # without empty clusters are unchanged by the top-up.
+    monkeypatch.setattr(pipeline.pivotal, "select_meta_samples", real)
+    plain = pipeline.select("rbc", problem, model, warm, meta0, 5, cfg, jax.random.PRNGKey(3))
+    np.testing.assert_array_equal(plain[:calls[0][2].size], calls[0][2])
+    assert picked[0] == plain[0]
