@@ -218,12 +218,16 @@ class Model(NamedTuple):
     loss_fn: Any
     predict: Any
     features: Any
+    # One compiled meta step per training configuration, shared by the methods of a run (see
+    # _trainer); held here rather than in a module global so that it lives as long as the model.
+    trainers: dict
 
 
 def build_model(cfg: ExperimentConfig, problem: Problem) -> Model:
     module, has_state = models.make_model(cfg.model, problem.num_classes, problem.input_shape)
     return Model(module, has_state, models.cross_entropy_loss_fn(module, has_state),
-                 models.predict_fn(module, has_state), models.features_fn(module, has_state))
+                 models.predict_fn(module, has_state), models.features_fn(module, has_state),
+                 trainers={})
 
 
 def _optimizer(cfg: ExperimentConfig):
@@ -359,20 +363,15 @@ def train_meta(
                         time.perf_counter() - start, ckpt_dir if keep_snapshots else None, epochs)
 
 
-_TRAINERS: dict = {}
-
-
 def _trainer(model: Model, rule, cfg: ExperimentConfig, steps_per_epoch: int):
-    # One trainer (hence one compiled step) per configuration, shared by every method.
-    key = (id(model.module), rule.name, cfg.weight_lr, str(cfg.weight_init), cfg.lr,
-           cfg.momentum, cfg.nesterov, cfg.weight_decay, tuple(cfg.lr_milestones),
-           cfg.meta_batch_size, steps_per_epoch)
-    if key not in _TRAINERS:
-        _TRAINERS[key] = pivotal.make_meta_step(
+    key = (rule.name, cfg.weight_lr, str(cfg.weight_init), cfg.lr, cfg.momentum, cfg.nesterov,
+           cfg.weight_decay, tuple(cfg.lr_milestones), cfg.meta_batch_size, steps_per_epoch)
+    if key not in model.trainers:
+        model.trainers[key] = pivotal.make_meta_step(
             model.loss_fn, rule, optimizer=_optimizer(cfg),
             learning_rate=_schedule(cfg, steps_per_epoch),
             meta_batch_size=cfg.meta_batch_size, has_state=model.has_state)
-    return _TRAINERS[key]
+    return model.trainers[key]
 
 
 def load_snapshots(outcome: TrainOutcome) -> Mapping[int, Any]:

@@ -7,21 +7,12 @@ import numpy as np
 import pytest
 
 from pivotal.selection import remaining_candidates, select_meta_samples
-
-
-def planted(rng, n=480, d=12, m=6, noise=0.05):
-    dirs = rng.standard_normal((m, d))
-    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    labels = rng.integers(0, m, n)
-    norms = rng.uniform(0.2, 4.0, (n, 1))
-    signs = rng.choice([-1.0, 1.0], (n, 1))
-    X = dirs[labels] * norms * signs + noise * norms * rng.standard_normal((n, d)) / np.sqrt(d)
-    return X.astype(np.float32), labels
+from test_kmeans import planted_lines
 
 
 @pytest.fixture(scope="module")
 def data():
-    return planted(np.random.default_rng(0))
+    return planted_lines(np.random.default_rng(0), 480, 12, 6, dtype=np.float32)
 
 
 def test_planted_clusters_give_one_pick_per_cluster(data):
