@@ -219,3 +219,21 @@ def test_short_kmeans_selection_is_topped_up_to_the_count(tmp_path, monkeypatch)
     plain = pipeline.select("rbc", problem, model, warm, meta0, 5, cfg, jax.random.PRNGKey(3))
     np.testing.assert_array_equal(plain[:calls[0][2].size], calls[0][2])
     assert picked[0] == plain[0]
+
+
+def test_inspect_collapse_restores_every_finished_run(smoke_rows, capsys):
+    from experiments import inspect_collapse
+
+    out, rows = smoke_rows
+    argv = ["--out", out, "--preset", "smoke", "--below", "1.01", "--lrs", "0.1", "--seeds", "1"]
+    assert inspect_collapse.main(argv) == 0
+    table = capsys.readouterr().out
+    # Restored from the checkpoints, every run shows the test accuracy its row recorded.
+    for r in rows:
+        if r["method"] != "finetune":
+            line = next(ln for ln in table.splitlines()
+                        if ln.startswith(f"| {r['method']} seed 0 (collapsed)"))
+            assert line.split(" | ")[1] == f"{100 * r['test_accuracy']:.1f}"
+    assert "| 0.1 | " in table
+    assert inspect_collapse.main(["--out", out, "--preset", "table9"]) == 2
+    assert "without a sweep" in capsys.readouterr().err

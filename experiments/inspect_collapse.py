@@ -1,0 +1,127 @@
+"""Why some long-tailed runs sit at chance level: a learning-rate probe and a look inside.
+
+    python3 -m experiments.inspect_collapse --out results/table2
+
+``--out`` is the folder of a finished ``--preset table2`` run (same preset, same ``--out``).
+
+1. Learning-rate probe: the warm-up run (``warmup`` random cleaned examples + meta re-weighting)
+   of the preset's config at each ``--lrs`` value for seeds ``0 .. --seeds-1``, scored by its
+   best validation accuracy (the only split used for tuning). Checkpointed under
+   ``OUT/work/lr-probe`` so a rerun resumes.
+2. Inside the runs: every row of ``OUT/results.jsonl`` whose test accuracy is below
+   ``--below`` is restored from its final checkpoint (no training) next to the best run of the
+   same seed, and described at its best-validation epoch: the predicted classes on the
+   validation set, the parameters' largest ``|p|`` and the learned weights over the pool.
+
+Prints two markdown tables; writes nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import checkpoint, pipeline, run
+from experiments.presets import PRESETS
+
+
+def lr_probe(cfg: pipeline.ExperimentConfig, lrs, seeds: int, work: str) -> list[str]:
+    lines = ["| lr | " + " | ".join(f"seed {s}" for s in range(seeds)) + " | mean |",
+             "|---" * (seeds + 2) + "|"]
+    for lr in lrs:
+        c = dataclasses.replace(cfg, lr=lr)
+        vals = []
+        for seed in range(seeds):
+            problem = pipeline.make_problem(c, seed)
+            model = pipeline.build_model(c, problem)
+            _, outcome = pipeline.warmup_run(problem, model, c, seed,
+                                             os.path.join(work, f"lr{lr}", f"seed{seed}"))
+            vals.append(outcome.best_val_accuracy)
+        lines.append(f"| {lr} | " + " | ".join(f"{v:.3f}" for v in vals)
+                     + f" | {np.mean(vals):.3f} |")
+    return lines
+
+
+def final_outcome(cfg: pipeline.ExperimentConfig, out: str, row: dict):
+    """The finished final training run of ``row``, restored from its checkpoint."""
+    seed, method = row["seed"], row["method"]
+    problem = pipeline.make_problem(cfg, seed)
+    model = pipeline.build_model(cfg, problem)
+    method_dir = os.path.join(out, "work", run.config_id(cfg), f"seed{seed}", method)
+    meta = np.asarray(row["meta_indices"], np.int64)
+    if method == "base":
+        ckpt, meta_indices = os.path.join(method_dir, "final"), None
+    else:
+        ckpt, meta_indices = os.path.join(method_dir, f"round{cfg.rounds - 1}"), meta
+    if checkpoint.latest_step(ckpt) != cfg.epochs:
+        raise FileNotFoundError(f"no finished run in {ckpt}: run --preset first with this --out")
+    outcome = pipeline.train_meta(problem, model, cfg, jax.random.PRNGKey(seed),
+                                  meta_indices=meta_indices, epochs=cfg.epochs, ckpt_dir=ckpt,
+                                  desc="restore")
+    pool = np.setdiff1d(np.arange(len(problem.y_noisy)), meta)
+    logits = model.predict(outcome.best_params, outcome.best_model_state,
+                           jnp.asarray(problem.x_val))
+    counts = np.bincount(np.argmax(np.asarray(logits), -1), minlength=problem.num_classes)
+    leaves = jax.tree_util.tree_leaves(outcome.best_params)
+    max_abs = max(float(np.max(np.abs(np.asarray(p)))) for p in leaves)
+    w = None if outcome.weights is None else np.asarray(outcome.weights)[pool]
+    return counts, max_abs, w, outcome
+
+
+def inside(cfg: pipeline.ExperimentConfig, out: str, below: float) -> list[str]:
+    rows = [r for r in checkpoint.read_jsonl(os.path.join(out, "results.jsonl"))
+            if r["method"] != "finetune"]  # fine-tuning trains on the meta set alone
+    lines = ["| run | test acc. | best epoch | predicted classes (validation) | max abs param "
+             "| weights: mean, fraction > 0 |", "|---|---|---|---|---|---|"]
+    low = [r for r in rows if r["test_accuracy"] < below]
+    for seed in sorted({r["seed"] for r in low}):
+        healthy = max((h for h in rows if h["seed"] == seed), key=lambda h: h["test_accuracy"])
+        mine = sorted((r for r in low if r["seed"] == seed), key=lambda r: r["method"])
+        for tag, row in [("collapsed", r) for r in mine] + [("best of seed", healthy)]:
+            counts, max_abs, w, outcome = final_outcome(cfg, out, row)
+            weights = "-" if w is None else f"{w.mean():.2f}, {(w > 0).mean():.2f}"
+            lines.append(f"| {row['method']} seed {seed} ({tag}) | "
+                         f"{100 * outcome.test_accuracy:.1f} | {outcome.best_epoch} | "
+                         f"{counts.tolist()} | {max_abs:.2f} | {weights} |")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder of a finished preset run")
+    parser.add_argument("--preset", default="table2")
+    parser.add_argument("--lrs", default="0.1,0.03,0.01")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--below", type=float, default=0.2)
+    args = parser.parse_args(argv)
+    try:
+        if args.preset not in PRESETS or PRESETS[args.preset].sweep is not None:
+            raise ValueError(f"--preset must name a preset without a sweep, got {args.preset!r}")
+        lrs = [float(v) for v in args.lrs.split(",")]
+        if not lrs or min(lrs) <= 0:
+            raise ValueError(f"--lrs must be positive numbers, got {args.lrs!r}")
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+        if not os.path.isfile(os.path.join(args.out, "results.jsonl")):
+            raise FileNotFoundError(f"--out {args.out!r} holds no results.jsonl: run "
+                                    f"`python3 -m experiments.run --preset {args.preset} "
+                                    f"--out {args.out}` first")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = PRESETS[args.preset].config
+    print("\n".join(inside(cfg, args.out, args.below)))
+    print()
+    print("\n".join(lr_probe(cfg, lrs, args.seeds, os.path.join(args.out, "work", "lr-probe"))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
