@@ -2,12 +2,14 @@
 
     python3 -m experiments.inspect_collapse --out results/table2
 
-``--out`` is the folder of a finished ``--preset table2`` run (same preset, same ``--out``).
+``--out`` is the folder of a finished run of ``--preset`` (default ``table2``). A preset that
+sweeps a field gets one section per value.
 
 1. Learning-rate probe: the warm-up run (``warmup`` random cleaned examples + meta re-weighting)
    of the preset's config at each ``--lrs`` value for seeds ``0 .. --seeds-1``, scored by its
-   best validation accuracy (the only split used for tuning). Checkpointed under
-   ``OUT/work/lr-probe`` so a rerun resumes.
+   best validation accuracy (the only split used for tuning). The preset's own learning rate
+   reads the preset's warm-ups; the others are checkpointed under ``OUT/work/lr-probe`` so a
+   rerun resumes.
 2. Inside the runs: every row of ``OUT/results.jsonl`` whose test accuracy is below
    ``--below`` is restored from its final checkpoint (no training) next to the best run of the
    same seed, and described at its best-validation epoch: the predicted classes on the
@@ -32,7 +34,7 @@ from experiments import checkpoint, pipeline, run
 from experiments.presets import PRESETS
 
 
-def lr_probe(cfg: pipeline.ExperimentConfig, lrs, seeds: int, work: str) -> list[str]:
+def lr_probe(cfg: pipeline.ExperimentConfig, lrs, seeds: int, out: str) -> list[str]:
     lines = ["| lr | " + " | ".join(f"seed {s}" for s in range(seeds)) + " | mean |",
              "|---" * (seeds + 2) + "|"]
     for lr in lrs:
@@ -41,8 +43,10 @@ def lr_probe(cfg: pipeline.ExperimentConfig, lrs, seeds: int, work: str) -> list
         for seed in range(seeds):
             problem = pipeline.make_problem(c, seed)
             model = pipeline.build_model(c, problem)
-            _, outcome = pipeline.warmup_run(problem, model, c, seed,
-                                             os.path.join(work, f"lr{lr}", f"seed{seed}"))
+            # The preset's own learning rate reuses the preset's warm-up (no training).
+            work = (run.warmup_dir(out, c, seed) if lr == cfg.lr else
+                    os.path.join(out, "work", "lr-probe", run.config_id(c), f"seed{seed}"))
+            _, outcome = pipeline.warmup_run(problem, model, c, seed, work)
             vals.append(outcome.best_val_accuracy)
         lines.append(f"| {lr} | " + " | ".join(f"{v:.3f}" for v in vals)
                      + f" | {np.mean(vals):.3f} |")
@@ -77,7 +81,8 @@ def final_outcome(cfg: pipeline.ExperimentConfig, out: str, row: dict):
 
 def inside(cfg: pipeline.ExperimentConfig, out: str, below: float) -> list[str]:
     rows = [r for r in checkpoint.read_jsonl(os.path.join(out, "results.jsonl"))
-            if r["method"] != "finetune"]  # fine-tuning trains on the meta set alone
+            if r["method"] != "finetune"  # fine-tuning trains on the meta set alone
+            and r["config_id"] == run.config_id(cfg)]
     lines = ["| run | test acc. | best epoch | predicted classes (validation) | max abs param "
              "| weights: mean, fraction > 0 |", "|---|---|---|---|---|---|"]
     low = [r for r in rows if r["test_accuracy"] < below]
@@ -102,8 +107,8 @@ def main(argv=None) -> int:
     parser.add_argument("--below", type=float, default=0.2)
     args = parser.parse_args(argv)
     try:
-        if args.preset not in PRESETS or PRESETS[args.preset].sweep is not None:
-            raise ValueError(f"--preset must name a preset without a sweep, got {args.preset!r}")
+        if args.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
         lrs = [float(v) for v in args.lrs.split(",")]
         if not lrs or min(lrs) <= 0:
             raise ValueError(f"--lrs must be positive numbers, got {args.lrs!r}")
@@ -116,10 +121,14 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = PRESETS[args.preset].config
-    print("\n".join(inside(cfg, args.out, args.below)))
-    print()
-    print("\n".join(lr_probe(cfg, lrs, args.seeds, os.path.join(args.out, "work", "lr-probe"))))
+    preset = PRESETS[args.preset]
+    for label, cfg in run.sweep_configs(preset.config, preset.sweep):
+        if label:
+            print(f"### {label}\n")
+        print("\n".join(inside(cfg, args.out, args.below)))
+        print()
+        print("\n".join(lr_probe(cfg, lrs, args.seeds, args.out)))
+        print()
     return 0
 
 

@@ -235,5 +235,5 @@ def test_inspect_collapse_restores_every_finished_run(smoke_rows, capsys):
                         if ln.startswith(f"| {r['method']} seed 0 (collapsed)"))
             assert line.split(" | ")[1] == f"{100 * r['test_accuracy']:.1f}"
     assert "| 0.1 | " in table
-    assert inspect_collapse.main(["--out", out, "--preset", "table9"]) == 2
-    assert "without a sweep" in capsys.readouterr().err
+    assert inspect_collapse.main(["--out", out, "--lrs", "0.1,-1"]) == 2
+    assert "--lrs must be positive" in capsys.readouterr().err
