@@ -65,6 +65,8 @@ IMBALANCED = dataclasses.replace(MAIN, noise="none", rate=0.0, imbalance=200.0, 
 # The sweeps below train 10 epochs (warm-up and final) instead of 20 to fit 30 minutes.
 SHORT = dict(warmup_epochs=10, epochs=10, finetune_epochs=10)
 
+# Stated minutes are measured wall times of the whole preset on 2 CPU cores: alone where
+# docs/RESULTS.md says so, else with another preset running beside it (an upper bound).
 PRESETS.update({
     "table1": Preset(
         "paper Table 1 (MNIST column): MNIST-5k, 60% adversarial noise, all ten methods, "
@@ -74,7 +76,7 @@ PRESETS.update({
         "5 seeds", 25.0, dataclasses.replace(MAIN, noise="uniform"), seeds=5),
     "table2": Preset(
         "paper Table 2: long-tailed MNIST-5k (imbalance 200, clean labels, label-aware "
-        "features), all ten methods, 5 seeds", 15.0, IMBALANCED, seeds=5),
+        "features), all ten methods, 5 seeds", 16.0, IMBALANCED, seeds=5),
     # lr 0.03: at 0.1 the meta re-weighting warm-up collapses to one class in several seeds
     # under noise + imbalance (best validation accuracy of the warm-ups, mean of seeds 0-4, at
     # imbalance 200 / 100: 0.256 / 0.312 at lr 0.1, 0.461 / 0.477 at 0.03, 0.391 / 0.378 at
@@ -92,11 +94,11 @@ PRESETS.update({
         seeds=5, sweep=("rate", (0.2, 0.4, 0.6, 0.8)), plot="fig3"),
     "table3": Preset(
         "paper Table 3: AUC of the learned weights (all / the 20% of the pool nearest the "
-        "decision boundary), MNIST-5k 80% adversarial, random / RBC / GBC, 5 seeds", 15.0,
+        "decision boundary), MNIST-5k 80% adversarial, random / RBC / GBC, 5 seeds", 17.0,
         NOISE80, methods=("random", "rbc", "gbc"), seeds=5),
     "table4-5": Preset(
         "paper Tables 4-5: Theorem 1's D_j statistics and Theorem 2's stable-example counts "
-        "for RBC, MNIST-5k 60% uniform and adversarial noise, 5 seeds", 15.0,
+        "for RBC, MNIST-5k 60% uniform and adversarial noise, 5 seeds", 17.0,
         dataclasses.replace(MAIN, diagnostics=True), methods=("rbc",), seeds=5,
         sweep=("noise", ("uniform", "adversarial"))),
     "table6": Preset(
@@ -113,7 +115,7 @@ PRESETS.update({
     "table10": Preset(
         "paper Table 10: with (10 random + 10 selected) and without (20 selected from a "
         "plain noisy-label model) the warm-up, MNIST-5k 60% adversarial, certain / uncertain "
-        "/ RBC / GBC, 10 epochs, 5 seeds", 20.0, dataclasses.replace(MAIN, **SHORT),
+        "/ RBC / GBC, 10 epochs, 5 seeds", 26.0, dataclasses.replace(MAIN, **SHORT),
         methods=("certain", "uncertain", "rbc", "gbc"), seeds=5, sweep=("warmup", (10, 0))),
     "fig4": Preset(
         "paper Figure 4: t-SNE of RBC features with the weighted K-means centroids, "
