@@ -86,6 +86,8 @@ def inside(cfg: pipeline.ExperimentConfig, out: str, below: float) -> list[str]:
     lines = ["| run | test acc. | best epoch | predicted classes (validation) | max abs param "
              "| weights: mean, fraction > 0 |", "|---|---|---|---|---|---|"]
     low = [r for r in rows if r["test_accuracy"] < below]
+    if not low:
+        return [f"No run below {100 * below:.0f}% test accuracy."]
     for seed in sorted({r["seed"] for r in low}):
         healthy = max((h for h in rows if h["seed"] == seed), key=lambda h: h["test_accuracy"])
         mine = sorted((r for r in low if r["seed"] == seed), key=lambda r: r["method"])

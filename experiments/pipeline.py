@@ -92,6 +92,8 @@ class ExperimentConfig:
             raise ValueError("noise='file' needs noise_file, a CIFAR-N style label file")
         if self.imbalance is not None and self.imbalance < 1:
             raise ValueError(f"imbalance must be a factor >= 1, got {self.imbalance}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
         if self.budget <= 0:
             raise ValueError(f"budget must be positive, got {self.budget}")
         if not 0 <= self.warmup < self.budget:

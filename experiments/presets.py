@@ -79,7 +79,7 @@ PRESETS.update({
         "features), all ten methods, 5 seeds", 16.0, IMBALANCED, seeds=5),
     # lr 0.03: at 0.1 the meta re-weighting warm-up collapses to one class in several seeds
     # under noise + imbalance (best validation accuracy of the warm-ups, mean of seeds 0-4, at
-    # imbalance 200 / 100: 0.256 / 0.312 at lr 0.1, 0.461 / 0.477 at 0.03, 0.391 / 0.378 at
+    # imbalance 200 / 100: 0.256 / 0.312 at lr 0.1, 0.461 / 0.477 at 0.03, 0.391 / 0.384 at
     # 0.01; `python3 -m experiments.inspect_collapse --preset table9 --out ...`).
     "table9": Preset(
         "paper Table 9: long-tailed MNIST-5k (imbalance 200 and 100) + 40% uniform noise, "

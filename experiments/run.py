@@ -42,6 +42,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="random cleaned examples of the warm-up")
     p.add_argument("--epochs", type=int, help="epochs of each training run")
     p.add_argument("--rounds", type=int, help="selection rounds after the warm-up")
+    p.add_argument("--lr", type=float, help="learning rate of the model's SGD")
     p.add_argument("--mesh", help="shard the example axis over devices, e.g. data=4")
     p.add_argument("--out", default="results", help="output directory (default: results)")
     distributed.add_arguments(p)
@@ -69,7 +70,7 @@ def resolve(args: argparse.Namespace):
     cfg = with_overrides(preset.config, dataset=args.dataset, data_dir=args.data_dir,
                          noise=args.noise, rate=args.rate, imbalance=args.imbalance,
                          model=args.model, budget=args.budget, warmup=args.warmup,
-                         rounds=args.rounds, epochs=epochs, mesh=mesh,
+                         rounds=args.rounds, lr=args.lr, epochs=epochs, mesh=mesh,
                          warmup_epochs=epochs, finetune_epochs=epochs)
     if cfg.dataset not in dataset_names():
         raise ValueError(f"--dataset must be one of {list(dataset_names())}, got {cfg.dataset!r}")

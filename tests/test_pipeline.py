@@ -70,6 +70,7 @@ def test_cleaning_gives_ground_truth_and_removes_from_pool():
     (["--preset", "nope"], "preset must be one of"),
     (["--rate", "1.2"], "rate must be in"),
     (["--budget", "10", "--warmup", "10"], "warmup must be in"),
+    (["--lr", "0"], "lr must be positive"),
 ])
 def test_bad_arguments_fail_before_training(argv, match, capsys, tmp_path):
     assert run.main(argv + ["--out", str(tmp_path)]) == 2

@@ -23,13 +23,15 @@ def extra_beyond_output(what, n, **flags):
     return row["first_call_extra_bytes"] - row["output_bytes"]
 
 
-@pytest.mark.parametrize("what, flags", [
-    ("gbc", {"chunk": 1024}),
-    ("kmeans", {"dim": 256, "clusters": 16, "iters": 5, "block_size": 2048}),
+# The high-water mark of one call scatters by about +-20 MiB from run to run (allocator arenas
+# of XLA's threads), whatever N is; the sizes are chosen so that an N-sized temporary would
+# stand far above that: a copy of G grows by 137 MiB from 20k to 160k rows (dim 256), GBC's
+# output by 330 MiB from 20k to 80k.
+@pytest.mark.parametrize("what, flags, large_n", [
+    ("gbc", {"chunk": 1024}, 80_000),
+    ("kmeans", {"dim": 256, "clusters": 16, "iters": 5, "block_size": 2048}, 160_000),
 ])
-def test_memory_flat_in_n(what, flags):
+def test_memory_flat_in_n(what, flags, large_n):
     small = extra_beyond_output(what, 20_000, **flags)
-    large = extra_beyond_output(what, 80_000, **flags)
-    # 4x the rows: an N-sized temporary would add at least tens of MiB here
-    # (a copy of G grows by 59 MiB, GBC's output by 330 MiB); allow 32 MiB of allocator noise.
-    assert large - small < 32 * MiB, (small / MiB, large / MiB)
+    large = extra_beyond_output(what, large_n, **flags)
+    assert large - small < 64 * MiB, (small / MiB, large / MiB)
