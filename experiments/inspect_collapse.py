@@ -27,10 +27,9 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from experiments import checkpoint, pipeline, run
+from experiments import checkpoint, models, pipeline, run
 from experiments.presets import PRESETS
 
 
@@ -58,20 +57,21 @@ def final_outcome(cfg: pipeline.ExperimentConfig, out: str, row: dict):
     seed, method = row["seed"], row["method"]
     problem = pipeline.make_problem(cfg, seed)
     model = pipeline.build_model(cfg, problem)
-    method_dir = os.path.join(out, "work", run.config_id(cfg), f"seed{seed}", method)
     meta = np.asarray(row["meta_indices"], np.int64)
     if method == "base":
-        ckpt, meta_indices = os.path.join(method_dir, "final"), None
+        ckpt, meta_indices = pipeline.run_dir(run.seed_dir(out, cfg, seed), method), None
     else:
-        ckpt, meta_indices = os.path.join(method_dir, f"round{cfg.rounds - 1}"), meta
+        ckpt, meta_indices = pipeline.run_dir(run.seed_dir(out, cfg, seed), method,
+                                              cfg.rounds - 1), meta
     if checkpoint.latest_step(ckpt) != cfg.epochs:
         raise FileNotFoundError(f"no finished run in {ckpt}: run --preset first with this --out")
     outcome = pipeline.train_meta(problem, model, cfg, jax.random.PRNGKey(seed),
                                   meta_indices=meta_indices, epochs=cfg.epochs, ckpt_dir=ckpt,
                                   desc="restore")
     pool = np.setdiff1d(np.arange(len(problem.y_noisy)), meta)
-    logits = model.predict(outcome.best_params, outcome.best_model_state,
-                           jnp.asarray(problem.x_val))
+    logits = models.apply_in_chunks(
+        lambda xb: model.predict(outcome.best_params, outcome.best_model_state, xb),
+        problem.x_val, cfg.chunk_size)
     counts = np.bincount(np.argmax(np.asarray(logits), -1), minlength=problem.num_classes)
     leaves = jax.tree_util.tree_leaves(outcome.best_params)
     max_abs = max(float(np.max(np.abs(np.asarray(p)))) for p in leaves)

@@ -600,6 +600,12 @@ def boundary_subset(model: Model, problem: Problem, params, model_state, pool: n
     return pool[np.argsort(np.abs(d), kind="stable")[:count]]
 
 
+def run_dir(work_dir: str, method: str, r: Optional[int] = None) -> str:
+    """Where :func:`run_method` checkpoints ``method``'s training of round ``r`` (``None``: the
+    single run of ``base`` and ``finetune``)."""
+    return os.path.join(work_dir, method, "final" if r is None else f"round{r}")
+
+
 def run_method(method: str, problem: Problem, model: Model, cfg: ExperimentConfig, seed: int,
                work_dir: str, warm: Optional[tuple] = None, *, return_outcome: bool = False):
     """Phases 2-5 for one method (phase 1 is ``warm``, shared by the methods of a seed).
@@ -612,13 +618,12 @@ def run_method(method: str, problem: Problem, model: Model, cfg: ExperimentConfi
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     key = jax.random.PRNGKey(seed)
     k_final = jax.random.fold_in(key, 3)  # the same for every method: a fair comparison
-    method_dir = os.path.join(work_dir, method)
     row: dict[str, Any] = {"method": method, "selection_seconds": 0.0}
     rounds: list = []  # (meta-set size, test accuracy) after each round's training
 
     if method == "base":
         run = train_meta(problem, model, cfg, k_final, meta_indices=None, epochs=cfg.epochs,
-                         ckpt_dir=os.path.join(method_dir, "final"), desc="base")
+                         ckpt_dir=run_dir(work_dir, method), desc="base")
         meta = np.zeros(0, np.int64)
     else:
         meta, prev = warm if warm is not None else warmup_run(problem, model, cfg, seed, work_dir)
@@ -638,7 +643,7 @@ def run_method(method: str, problem: Problem, model: Model, cfg: ExperimentConfi
                 break
             last = r == cfg.rounds - 1
             run = train_meta(problem, model, cfg, k_final, meta_indices=meta, epochs=cfg.epochs,
-                             ckpt_dir=os.path.join(method_dir, f"round{r}"),
+                             ckpt_dir=run_dir(work_dir, method, r),
                              keep_snapshots=not last, desc=f"{method} r{r}")
             prev = run
             rounds.append((len(meta), run.test_accuracy))
@@ -648,7 +653,7 @@ def run_method(method: str, problem: Problem, model: Model, cfg: ExperimentConfi
                              epochs=cfg.finetune_epochs, init_params=(prev.best_params,
                                                                       prev.best_model_state),
                              train_indices=meta, train_labels=problem.y_clean,
-                             ckpt_dir=os.path.join(method_dir, "final"), desc="finetune")
+                             ckpt_dir=run_dir(work_dir, method), desc="finetune")
     pool = np.setdiff1d(np.arange(len(problem.y_noisy)), meta)
     boundary_auc = None
     if run.weights is not None and method != "base":

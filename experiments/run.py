@@ -233,7 +233,7 @@ def run(cfg: ExperimentConfig, methods: Sequence[str], seeds: int, out: str,
             raise ValueError(f"--budget {cfg.budget} must be smaller than the training set "
                              f"({len(problem.y_noisy)} examples)")
         model = pipeline.build_model(cfg, problem)
-        work = os.path.join(out, "work", cid, f"seed{seed}")
+        work = seed_dir(out, cfg, seed)
         warm = None
         for method in todo:
             if method != "base" and warm is None:
@@ -258,6 +258,11 @@ def run(cfg: ExperimentConfig, methods: Sequence[str], seeds: int, out: str,
         return [r for r in checkpoint.read_jsonl(results) if r.get("config_id") == cid
                 and (r["method"], r["seed"]) in done] + mine
     return [r for r in checkpoint.read_jsonl(results) if r.get("config_id") == cid]
+
+
+def seed_dir(out: str, cfg: ExperimentConfig, seed: int) -> str:
+    """The work folder of one config and seed under ``out`` (every method's checkpoints)."""
+    return os.path.join(out, "work", config_id(cfg), f"seed{seed}")
 
 
 def warmup_dir(out: str, cfg: ExperimentConfig, seed: int) -> str:
