@@ -111,6 +111,71 @@ _all_finite = jax.jit(lambda x: jnp.isfinite(jnp.max(jnp.abs(x))))
 _any_nonzero = jax.jit(lambda x: jnp.max(jnp.abs(x)) > 0)
 
 
+_max_abs = jax.jit(lambda x: jnp.max(jnp.abs(x)))
+_nonzero_rows = jax.jit(lambda x: jnp.sum(jnp.max(jnp.abs(x), axis=1) > 0))
+# Headroom, in powers of two, below the largest float exponent for the sums of squares (norms,
+# k-means++ weights and their cumulative sum, S1 similarities) of N x D rows.
+_OVERFLOW_MARGIN = 28
+
+
+def _rescale_exponent(max_abs: float, size: int, dtype) -> int:
+    """``e`` such that features of largest magnitude ``max_abs`` need rescaling by ``2**-e``, or 0.
+
+    Squared norms and the sums built from them (``<= N D max_abs**2``) must stay finite, and the
+    squares of the largest entries must stay normal numbers. Inside that range (float32: about
+    ``1e-13 <= max_abs``, ``max_abs**2 N D <= 2**100``) nothing is rescaled, so ordinary
+    features are used bit for bit as given.
+    """
+    if max_abs == 0:
+        return 0
+    info = jnp.finfo(dtype)
+    exponent = int(np.frexp(max_abs)[1])  # max_abs = f 2**exponent, 0.5 <= f < 1
+    too_big = 2 * exponent + math.ceil(math.log2(max(size, 1))) > info.maxexp - _OVERFLOW_MARGIN
+    too_small = exponent < info.minexp // 3
+    return exponent if (too_big or too_small) else 0
+
+
+def _scale_pow2(x: jax.Array, exponent: int) -> jax.Array:
+    """``x * 2**exponent``, exact (no rounding) while the results stay normal numbers."""
+    while exponent:
+        step = max(-100, min(100, exponent))  # 2**step is representable in float32
+        x = x * jnp.asarray(2.0 ** step, x.dtype)
+        exponent -= step
+    return x
+
+
+def _as_scaled_features(G, name: str) -> tuple[jax.Array, int]:
+    """:func:`_as_features`, then rows rescaled by a common power of two when their magnitude
+    would overflow (or underflow) the squared norms: returns ``(G * 2**-e, e)``.
+
+    Spherical K-means and the selection depend on the rows only up to one common positive
+    factor (assignments, centroids, k-means++ draws and the selection order are invariant; the
+    objective scales by it), and a power of two scales exactly, so the result is that of exact
+    arithmetic on the given rows. ``e == 0`` (the input untouched) unless the features are
+    extreme, e.g. entries around 1e18 in float32, whose squared norms are inf. Raises
+    ``ValueError`` naming ``name`` when the rows span so many orders of magnitude that some
+    nonzero row would vanish after the rescaling. A traced ``G`` is returned as is (``e = 0``).
+    """
+    G = _as_features(G, name, check_finite=False)
+    if _is_tracer(G):
+        return G, 0
+    max_abs = float(_max_abs(G))
+    if not math.isfinite(max_abs):
+        raise ValueError(f"{name} contains NaN or inf values")
+    exponent = _rescale_exponent(max_abs, G.shape[0] * G.shape[1], G.dtype)
+    if not exponent:
+        return G, 0
+    scaled = _scale_pow2(G, -exponent)
+    before, after = int(_nonzero_rows(G)), int(jnp.sum(_row_norms(scaled) > 0))
+    if after < before:
+        raise ValueError(
+            f"{name} spans too many orders of magnitude for {G.dtype}: its largest entry is "
+            f"{max_abs:.3g}, and after rescaling the rows by 2**{-exponent} (to keep squared norms "
+            f"finite) {before - after} nonzero rows have zero norm. Use float64 or rescale the "
+            "rows (only their directions and relative norms matter)")
+    return scaled, exponent
+
+
 def _as_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -760,7 +825,8 @@ def weighted_spherical_kmeans(
       :class:`KMeansResult`; its ``assignments`` and ``objective`` are those of the returned
       ``centroids``.
     """
-    G = _as_features(G, "G")
+    # Extreme magnitudes are rescaled by a power of two (exact); the objective is scaled back.
+    G, exponent = _as_scaled_features(G, "G")
     n = G.shape[0]
     num_clusters = _as_int(num_clusters, "num_clusters")
     if not 1 <= num_clusters <= n:
@@ -816,6 +882,8 @@ def weighted_spherical_kmeans(
                 centroids = centroids[:m]
             if padded:
                 assignments = assignments[:n]
+            if exponent:
+                objective = _scale_pow2(objective, exponent)
             return KMeansResult(centroids, assignments, objective, iters)
         # Paper appendix: restart with M - M_empty clusters until none is empty. Every nonzero
         # row lands in some cluster, so m stays >= 1.

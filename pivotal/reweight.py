@@ -26,6 +26,8 @@ of optax's ``GradientTransformation``.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -71,6 +73,34 @@ def _check_scalar(value: Any, name: str) -> None:
         return
     if np.ndim(value) != 0:
         raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}")
+
+
+def _check_positive_finite(value: Any, name: str) -> None:
+    """``value`` must be a real scalar with ``0 < value < inf`` (Python, numpy or jax scalar).
+
+    Call-time check, before any tracing. A traced value (the caller is inside ``jax.jit``) has no
+    value to inspect, so only its shape is checked; its value is the caller's responsibility.
+    """
+    if np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}")
+    if isinstance(value, jax.core.Tracer):
+        return
+    real = isinstance(value, numbers.Real) or (
+        isinstance(value, (np.ndarray, jax.Array))
+        and (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)))
+    if isinstance(value, (bool, np.bool_)) or not real:
+        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
+    number = float(value)
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    """``value`` must be an integer >= 1 (not a bool, not a float); returns it as ``int``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)) \
+            or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    return int(value)
 
 
 def _check_losses(losses: Array, batch_size: int, name: str = "loss_fn") -> None:
@@ -148,7 +178,8 @@ def weight_gradient(
       batch: training batch, a pytree whose leaves have leading axis ``B``.
       weights: ``(B,)`` per-example weights ``w``.
       meta_batch: meta batch, leaves with leading axis ``M >= 1``.
-      inner_lr: scalar learning rate ``alpha`` of the lookahead.
+      inner_lr: scalar learning rate ``alpha > 0`` of the lookahead (a finite number; checked
+        at call time unless it is a traced value inside ``jax.jit``).
       optimizer: optional unit-learning-rate optax transformation; the lookahead is then
         ``theta + alpha * optimizer.update(g, opt_state, theta)[0]`` (momentum, Nesterov,
         weight decay, Adam ... all differentiate through).
@@ -163,6 +194,7 @@ def weight_gradient(
     _check_scalar(inner_lr, "inner_lr")
     if callable(inner_lr):
         raise TypeError("inner_lr must be a scalar here; schedules belong to make_meta_step")
+    _check_positive_finite(inner_lr, "inner_lr")
     if np.shape(weights) != (batch_size,):
         raise ValueError(
             f"weights must have shape ({batch_size},) to match the batch, got {np.shape(weights)}"
@@ -223,9 +255,10 @@ def direct_weights(*, weight_lr: float, init: Union[str, float] = "uniform") -> 
     to ``[1e-7, 1]``) for ``init="uniform"``, or the constant ``init``.
 
     Because Eq. S4 carries a factor ``alpha / B``, useful ``weight_lr`` values are large
-    (of order ``B / alpha``).
+    (of order ``B / alpha``). ``weight_lr`` must be a positive finite number (checked here unless
+    it is a traced value).
     """
-    _check_scalar(weight_lr, "weight_lr")
+    _check_positive_finite(weight_lr, "weight_lr")
     if not (isinstance(init, str) and init == "uniform"):
         if isinstance(init, str) or not (WEIGHT_MIN <= float(init) <= WEIGHT_MAX):
             raise ValueError(f"init must be 'uniform' or a number in [1e-7, 1], got {init!r}")
@@ -303,8 +336,7 @@ def meta_weight_net(
     weight decay 1e-4 (as PyTorch's ``Adam(weight_decay=1e-4)``, the official setting).
     Weights of the net start ``N(0, 1/fan_in)`` with zero biases.
     """
-    if int(hidden) <= 0:
-        raise ValueError(f"hidden must be a positive integer, got {hidden}")
+    hidden = _check_positive_int(hidden, "hidden")
     net_opt = optimizer if optimizer is not None else optax.chain(
         optax.add_decayed_weights(1e-4), optax.adam(1e-3))
 

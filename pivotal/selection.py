@@ -23,8 +23,8 @@ import numpy as np
 
 from pivotal.kmeans import (
     DEFAULT_BLOCK_SIZE,
-    _as_features,
     _as_int,
+    _as_scaled_features,
     _check_block_size,
     _check_key,
     _row_norms,
@@ -116,7 +116,7 @@ def remaining_candidates(features, *, existing=None, exclude_fraction: float = 0
     Returns:
       Sorted int64 numpy array of the remaining row indices.
     """
-    G = _as_features(features, "features")
+    G, _ = _as_scaled_features(features, "features")  # exact power-of-two rescale if extreme
     existing = _as_existing(existing, G.shape[0])
     exclude_fraction = _check_fraction(exclude_fraction)
     block_size = _check_block_size(block_size)
@@ -171,7 +171,9 @@ def select_meta_samples(
       ``(K,)`` int32 numpy array of row indices into ``features``, ``K <= budget``, unique, none
       in ``existing``, one per non-empty cluster, in cluster order.
     """
-    G = _as_features(features, "features")
+    # Features whose squared norms would overflow (e.g. entries ~1e18 in float32) are rescaled
+    # by a common power of two: exact, and the selection does not depend on a common factor.
+    G, _ = _as_scaled_features(features, "features")
     n = G.shape[0]
     budget = _as_int(budget, "budget")
     if budget < 1:

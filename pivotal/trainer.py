@@ -24,6 +24,8 @@ from pivotal.reweight import (
     DirectWeightsState,
     Reweighter,
     _check_losses,
+    _check_positive_finite,
+    _check_positive_int,
     _check_scalar,
     leading_size,
     lookahead,
@@ -62,6 +64,7 @@ def make_meta_step(
     meta_batch_size: Optional[int] = None,
     has_state: bool = False,
     jit: bool = True,
+    check_index: bool = True,
 ) -> MetaTrainer:
     """Build the meta re-weighting trainer.
 
@@ -73,11 +76,18 @@ def make_meta_step(
       rule: a :class:`Reweighter` (``direct_weights``, ``l2rw``, ``meta_weight_net``).
       optimizer: a unit-learning-rate optax transformation (default ``optax.sgd(1.0)``); the
         step is ``theta + lr * updates`` for the lookahead and for the real update alike.
-      learning_rate: a float or an optax schedule ``step -> lr``.
+      learning_rate: a positive finite float, or an optax schedule ``step -> lr`` (a schedule's
+        values are not checked).
       meta_batch_size: the meta batch is drawn with replacement from the meta set each step;
         its size defaults to the meta set's size ``M``.
       has_state: whether the model threads a mutable state (see above).
       jit: compile ``step``/``plain_step`` with ``jax.jit`` (one trace per input shape).
+      check_index: check ``batch["index"]`` on the host before each ``step`` (see below);
+        ``False`` skips it (for a caller that has validated its indices, or for timing it).
+
+    ``step`` checks, before it runs, that ``batch["index"]`` lies in ``[0, num_examples)`` when
+    the rule keeps per-example weights (``ValueError`` naming ``batch['index']``; host indices
+    cost microseconds, device indices one tiny reduction; skipped when the index is traced).
 
     Metrics of ``step``: ``meta_loss`` (at ``theta`` after the rule's lookahead, as the rule
     evaluates it), ``train_loss`` (unweighted mean), ``mean_weight``, ``lr`` and ``finite``.
@@ -87,8 +97,10 @@ def make_meta_step(
     if not isinstance(rule, Reweighter):
         raise TypeError(f"rule must be a Reweighter (direct_weights(), l2rw(), ...), got {type(rule)}")
     _check_scalar(learning_rate, "learning_rate")
-    if meta_batch_size is not None and int(meta_batch_size) <= 0:
-        raise ValueError(f"meta_batch_size must be a positive integer, got {meta_batch_size}")
+    if not callable(learning_rate):
+        _check_positive_finite(learning_rate, "learning_rate")
+    if meta_batch_size is not None:
+        meta_batch_size = _check_positive_int(meta_batch_size, "meta_batch_size")
     opt = optimizer if optimizer is not None else optax.sgd(1.0)
     schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
@@ -161,7 +173,17 @@ def make_meta_step(
     if jit:
         step = jax.jit(step)
         plain_step = jax.jit(plain_step)
-    return MetaTrainer(init, step, plain_step)
+    if not check_index:
+        return MetaTrainer(init, step, plain_step)
+    compiled_step = step
+
+    def checked_step(state: MetaTrainState, batch, meta_set, key):
+        # Outside the compiled step, before it is dispatched: see _check_index.
+        if isinstance(batch, Mapping) and "index" in batch:
+            _check_index(batch["index"], state.rule_state)
+        return compiled_step(state, batch, meta_set, key)
+
+    return MetaTrainer(init, checked_step, plain_step)
 
 
 def _check_batch(batch) -> int:
@@ -174,6 +196,45 @@ def _check_batch(batch) -> int:
     if not jnp.issubdtype(jnp.result_type(batch["index"]), jnp.integer):
         raise TypeError("batch['index'] must hold integers")
     return size
+
+
+# Two scalars cross to the host; the reduction runs where the indices live (device, shards).
+_index_range = jax.jit(lambda index: (jnp.min(index), jnp.max(index)))
+
+
+def _check_index(index, rule_state) -> None:
+    """``batch['index']`` must lie in ``[0, N)`` where the rule keeps per-example state.
+
+    Inside the compiled step an out-of-range index is not an error: the gather clamps, negative
+    indices wrap (``-1`` is example ``N - 1``) and the scatter drops or wraps, so the wrong
+    example's weight would change silently. Checked here, on the host, before the step runs:
+
+    * numpy (or other host) indices: ``np.min``/``np.max``, microseconds;
+    * a concrete ``jax.Array``: one small jitted min/max reduction where the indices live, two
+      scalars copied back. It waits for the indices to be ready (not for the previous step);
+      measured by ``benchmarks/index_check.py``;
+    * a traced index (the step called inside the caller's own ``jit``/``scan``): no value to
+      check, skipped.
+
+    Only rules with per-example state read the index: :func:`direct_weights`
+    (``N = len(state.rule_state.weights)``). ``l2rw`` and ``meta_weight_net`` ignore it.
+    """
+    if not isinstance(rule_state, DirectWeightsState):
+        return
+    if isinstance(index, jax.core.Tracer):
+        return
+    num_examples = int(np.shape(rule_state.weights)[0])
+    if not np.size(index):
+        return
+    if isinstance(index, jax.Array):
+        low, high = (int(v) for v in jax.device_get(_index_range(index)))
+    else:
+        host = np.asarray(index)
+        low, high = int(host.min()), int(host.max())
+    if low < 0 or high >= num_examples:
+        raise ValueError(
+            f"batch['index'] must hold positions in [0, {num_examples}) (num_examples of the "
+            f"trainer's init), got values in [{low}, {high}]")
 
 
 def _all_finite(tree) -> jax.Array:
