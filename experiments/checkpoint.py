@@ -10,7 +10,9 @@ Layout written by :class:`Checkpointer` (Orbax ``CheckpointManager`` underneath)
 
 Each ``step_N`` is written under a temporary name (``step_N.orbax-checkpoint-tmp-...``)
 and renamed once complete, so a crash leaves either the whole checkpoint or no
-``step_N`` at all; :func:`latest_step` lists only complete ones.
+``step_N`` at all; :func:`latest_step` lists only complete ones. A complete step whose
+files were damaged later is found by :meth:`Checkpointer.restore_latest`, which resumes
+from the newest readable one and renames the others ``step_N.damaged-K``.
 
 Leaves must be arrays (jax or numpy) or scalars. Dtypes round-trip exactly, integers and
 float64 numpy scalars included. Typed PRNG keys (``jax.random.key``) are refused: store
@@ -25,6 +27,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -38,6 +42,11 @@ _STEP_PREFIX = "step"
 _STEP_DIR = re.compile(rf"^{_STEP_PREFIX}_(\d+)$")
 _SNAPSHOT_DIR = "snapshots"
 _HOST_SCALARS = (np.generic, int, float, bool)
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a save still being written
+
+
+class _ShapeMismatch(ValueError):
+    """The checkpoint is readable but ``target_like`` has other shapes: the caller's error."""
 
 
 def _to_host_array(path, leaf):
@@ -103,16 +112,31 @@ class _ReadOnlyNotice(logging.Filter):
 logging.getLogger("absl").addFilter(_ReadOnlyNotice())
 
 
+def _remove_unfinished_saves(directory: Path) -> None:
+    """Deletes the temporary folders that crashed saves left under ``directory``."""
+    if not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        if _TMP_SUFFIX in path.name and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+
+
 def _manager(directory: Path, items, keep, read_only) -> ocp.CheckpointManager:
+    if not read_only:
+        # Leftovers of a crashed save would otherwise sit beside the real steps forever (a
+        # reader leaves them: they may be a live writer's). Not Orbax's
+        # cleanup_tmp_directories: it runs in a thread that only save() waits for, close()
+        # does not, so a manager closed without saving (a refused save, a run already
+        # finished) leaves it running, and it deletes the next manager's save in progress.
+        # Here it is over before any save starts.
+        _remove_unfinished_saves(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         step_prefix=_STEP_PREFIX,
         # A checkpoint must be on disk before the run moves on: a crash right after save()
         # must not lose it, and our saves are small next to an epoch.
         enable_async_checkpointing=False,
-        # Leftovers of a crashed save would otherwise sit beside the real steps forever;
-        # a reader must not touch them (they may be a live writer's).
-        cleanup_tmp_directories=not read_only,
+        cleanup_tmp_directories=False,
         create=not read_only,
         read_only=read_only,
     )
@@ -126,7 +150,7 @@ def _match_target(target_like, restored):
     def match(path, want, got, like):
         # Orbax casts dtypes to the target's but does not check shapes.
         if np.shape(got) != want.shape:
-            raise ValueError(
+            raise _ShapeMismatch(
                 f"checkpoint leaf {jax.tree_util.keystr(path)} has shape {np.shape(got)}, "
                 f"target_like has {want.shape}"
             )
@@ -192,6 +216,46 @@ class Checkpointer:
         )
         return _match_target(target_like, restored["state"])
 
+    def restore_latest(self, target_like: PyTree) -> tuple[int, PyTree] | None:
+        """``(step, tree)`` of the newest readable step, or ``None`` when no step is readable
+        (start the run over); see :meth:`restore` for ``target_like``.
+
+        Steps that fail to read (truncated or garbage files, a missing ``state/`` or
+        ``meta/``) are renamed ``step_N.damaged-K`` beside the others, so they are no longer
+        listed and the run can save those steps again; one line on stderr says so. Snapshots
+        of the epochs from the resumed step on are deleted: resuming reruns those epochs,
+        which save them again. A shape that differs from a readable checkpoint's still raises
+        ``ValueError``: then ``target_like`` is wrong, not the checkpoint.
+        """
+        if self._read_only:
+            raise ValueError("restore_latest moves damaged steps aside; open the run writable")
+        abstract = jax.tree_util.tree_map_with_path(_abstract, target_like)
+        damaged, found = [], None
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                # meta/ too: a step whose metadata cannot be read is damaged as well.
+                restored = self._manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                found = step, _match_target(target_like, restored["state"])
+                break
+            except _ShapeMismatch:
+                raise
+            except Exception as e:  # whatever Orbax, tensorstore or json make of bad bytes
+                damaged.append((step, e))
+        if damaged:
+            moved = [self._move_aside(step) for step, _ in damaged]
+            self._manager.reload()
+            names = ", ".join(f"{_STEP_PREFIX}_{s}" for s, _ in damaged)
+            then = (f"resuming from {_STEP_PREFIX}_{found[0]}" if found is not None
+                    else "no readable checkpoint, starting this run over")
+            one = len(damaged) == 1
+            print(f"warning: checkpoint{'' if one else 's'} {self.directory}/{names} "
+                  f"{'is' if one else 'are'} unreadable "
+                  f"({_short_reason(damaged[0][1])}), moved to "
+                  f"{', '.join(moved)}; {then}", file=sys.stderr)
+        self._drop_snapshots_from(0 if found is None else found[0])
+        return found
+
     def metadata(self, step: int | None = None) -> dict:
         """The JSON metadata saved with ``step`` (``None``: the latest)."""
         step = self._existing_step(step)
@@ -245,12 +309,35 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint for step {step} under {self.directory}")
         return step
 
+    def _move_aside(self, step: int) -> str:
+        path = self.directory / f"{_STEP_PREFIX}_{step}"
+        k = 0
+        while path.with_name(f"{path.name}.damaged-{k}").exists():
+            k += 1
+        target = path.with_name(f"{path.name}.damaged-{k}")
+        path.rename(target)
+        return target.name
+
+    def _drop_snapshots_from(self, epoch: int) -> None:
+        later = [e for e in _steps(self.directory / _SNAPSHOT_DIR) if e >= epoch]
+        if later:
+            manager = self._snapshots_manager()
+            manager.reload()
+            for e in later:
+                manager.delete(e)
+
     def _snapshots_manager(self):
         if self._snapshot_manager is None:
             self._snapshot_manager = _manager(
                 self.directory / _SNAPSHOT_DIR, ("snapshot",), None, self._read_only
             )
         return self._snapshot_manager
+
+
+def _short_reason(error: Exception) -> str:
+    # Tensorstore's messages run over many lines; the first one names the file and the fault.
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:160]}" if lines else type(error).__name__
 
 
 def _check_step(step, name="step") -> int:

@@ -317,10 +317,11 @@ def train_meta(
     best = (state.params, state.model_state, pivotal.example_weights(state))
 
     manager = checkpoint.Checkpointer(ckpt_dir) if ckpt_dir else None
-    if manager is not None and manager.latest_step() is not None:
-        restored = manager.restore(manager.latest_step(),
-                                   {"state": state, "best": best, "track": track})
-        state, best, track = restored["state"], restored["best"], restored["track"]
+    # A damaged last step: resume from the newest readable one, or start over (one warning).
+    resumed = manager.restore_latest({"state": state, "best": best, "track": track}) \
+        if manager is not None else None
+    if resumed is not None:
+        state, best, track = resumed[1]["state"], resumed[1]["best"], resumed[1]["track"]
 
     x_dev, y_dev = jnp.asarray(problem.x_train), jnp.asarray(labels)
     first = int(track["epoch"])

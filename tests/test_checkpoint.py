@@ -1,6 +1,11 @@
 """Checkpoints and crash-safe result files."""
 
+import asyncio
 import os
+import shutil
+import threading
+import time
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -153,6 +158,158 @@ def test_bad_inputs_are_refused(tmp_path):
         Checkpointer(tmp_path, keep=0)
 
 
+def test_a_manager_closed_without_saving_leaves_no_cleanup_behind(tmp_path, monkeypatch):
+    """The race behind test_bad_inputs_are_refused's rare FileNotFoundError, forced.
+
+    Orbax's cleanup_tmp_directories ran in a thread that only save() waits for: a refused
+    save closed its manager with the cleanup still running, and on a busy machine it listed
+    the folder while the next manager's save was writing and deleted that save's tmp folder.
+    Here the first manager's cleanup looks only once a save is writing, and that save waits
+    for it before it commits, so the old code fails every time.
+    """
+    from orbax.checkpoint._src.path import atomicity, temporary_paths
+
+    real_cleanup = temporary_paths.cleanup_temporary_paths
+    real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+    started, done = threading.Event(), threading.Event()
+
+    async def late_cleanup(directory, **kwargs):
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(
+            ".orbax-checkpoint-tmp" in p.name for p in tmp_path.iterdir()
+        ):
+            await asyncio.sleep(0.001)
+        try:
+            await real_cleanup(directory, **kwargs)
+        finally:
+            done.set()
+
+    def cleanup(directory, **kwargs):
+        if started.is_set():
+            return real_cleanup(directory, **kwargs)
+        started.set()
+        return late_cleanup(directory, **kwargs)
+
+    async def finalize(self):
+        if started.is_set():
+            await asyncio.to_thread(done.wait, 5)
+        return await real_finalize(self)
+
+    monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", cleanup)
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
+    with pytest.raises(TypeError):
+        save(tmp_path, 0, {"a": "text"})
+    save(tmp_path, 0, {"a": np.ones(2, np.float32)})
+    tree, _ = restore(tmp_path, {"a": np.zeros(2, np.float32)})
+    np.testing.assert_array_equal(tree["a"], np.ones(2))
+
+
+def _big_state(seed):
+    # Random values: the array data, not Orbax's metadata, is the largest file.
+    big = np.random.default_rng(seed).normal(size=4096).astype(np.float32)
+    return {**_state(seed), "big": big}
+
+
+def _files(folder):
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file())
+
+
+def _truncate_largest(step_dir):
+    largest = max(_files(step_dir / "state"), key=lambda p: p.stat().st_size)
+    os.truncate(largest, largest.stat().st_size // 2)
+
+
+def _garbage_over_state(step_dir):
+    rng = np.random.default_rng(0)
+    for path in _files(step_dir / "state"):
+        path.write_bytes(rng.bytes(path.stat().st_size))
+
+
+def _empty_state_files(step_dir):
+    for path in _files(step_dir / "state"):
+        os.truncate(path, 0)
+
+
+def _garbage_meta(step_dir):
+    (step_dir / "meta" / "metadata").write_bytes(b"\x00\xff{not json")
+
+
+DAMAGE = {
+    "truncated largest state file": _truncate_largest,
+    "garbage over state files": _garbage_over_state,
+    "empty state files": _empty_state_files,
+    "missing state/": lambda step_dir: shutil.rmtree(step_dir / "state"),
+    "missing meta/": lambda step_dir: shutil.rmtree(step_dir / "meta"),
+    "garbage meta json": _garbage_meta,
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
+def test_damaged_latest_step_falls_back_to_the_newest_readable(tmp_path, capsys, damage):
+    with Checkpointer(tmp_path) as ckpt:
+        for step in (3, 4, 5):
+            ckpt.save(step, _big_state(step))
+    damage(tmp_path / "step_5")
+
+    with Checkpointer(tmp_path) as ckpt:
+        step, tree = ckpt.restore_latest(_big_state(0))
+        assert step == 4
+        _assert_same(tree, _big_state(4))
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"warning: checkpoint {tmp_path.absolute()}/step_5 is unreadable (")
+        assert line.endswith("moved to step_5.damaged-0; resuming from step_4")
+        assert ckpt.all_steps() == [3, 4]
+        ckpt.save(5, _big_state(5))  # the rerun epoch saves its step again
+    assert all_steps(tmp_path) == [3, 4, 5]
+    assert (tmp_path / "step_5.damaged-0").is_dir()  # kept for a look, never listed
+
+
+@pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
+def test_only_step_damaged_starts_over(tmp_path, capsys, damage):
+    save(tmp_path, 0, _big_state(0))
+    damage(tmp_path / "step_0")
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.restore_latest(_big_state(1)) is None
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"warning: checkpoint {tmp_path.absolute()}/step_0 is unreadable (")
+        assert line.endswith("; no readable checkpoint, starting this run over")
+        assert ckpt.latest_step() is None
+        ckpt.save(0, _big_state(2))
+    _assert_same(restore(tmp_path, _big_state(1))[0], _big_state(2))
+
+
+def test_restore_latest_of_intact_steps_and_what_it_refuses(tmp_path, capsys):
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.restore_latest(_state(0)) is None  # a new run
+        ckpt.save(1, _state(1))
+        ckpt.save(2, _state(2))
+        step, tree = ckpt.restore_latest(_state(0))
+        assert step == 2
+        _assert_same(tree, _state(2))
+        # A readable step of other shapes: the target is wrong, nothing is moved aside.
+        with pytest.raises(ValueError, match="shape"):
+            ckpt.restore_latest({**_state(0), "weights": np.zeros(8, np.float32)})
+        assert ckpt.all_steps() == [1, 2]
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match="writable"):
+        Checkpointer(tmp_path, read_only=True).restore_latest(_state(0))
+
+
+def test_restore_latest_drops_the_snapshots_of_epochs_it_reruns(tmp_path):
+    params = {"w": np.ones(3, np.float32)}
+    with Checkpointer(tmp_path) as ckpt:
+        for epoch in range(3):  # the epoch's snapshot, then the step after it
+            ckpt.save_snapshot(epoch, params)
+            ckpt.save(epoch + 1, {"a": np.full(2, epoch, np.float32)})
+    shutil.rmtree(tmp_path / "step_3" / "state")
+    with Checkpointer(tmp_path) as ckpt:
+        step, _ = ckpt.restore_latest({"a": np.zeros(2, np.float32)})
+        assert step == 2 and sorted(ckpt.snapshots()) == [0, 1]
+        ckpt.save_snapshot(2, params)  # epoch 2 runs again
+        ckpt.save(3, {"a": np.full(2, 2, np.float32)})
+    assert sorted(Checkpointer(tmp_path).snapshots()) == [0, 1, 2]
+
+
 def test_jsonl_round_trip_skips_a_partial_last_line(tmp_path):
     path = tmp_path / "results" / "rows.jsonl"
     assert read_jsonl(path) == []
@@ -197,3 +354,29 @@ def test_write_text_atomic_replaces_and_leaves_no_temp_files(tmp_path):
         write_text_atomic(path, 123)
     assert path.read_text() == "| b |\n|---|\n"
     assert os.listdir(path.parent) == ["table.md"]
+
+
+def test_train_meta_resumes_past_a_damaged_last_epoch(tmp_path, capsys):
+    from experiments import pipeline
+    from experiments.presets import PRESETS
+
+    cfg = PRESETS["smoke"].config
+    problem = pipeline.make_problem(cfg, 0)
+    model = pipeline.build_model(cfg, problem)
+
+    def train(folder):
+        return pipeline.train_meta(problem, model, cfg, jax.random.PRNGKey(0), meta_indices=None,
+                                   epochs=3, ckpt_dir=str(folder), keep_snapshots=True)
+
+    clean = train(tmp_path / "clean")
+    shutil.copytree(tmp_path / "clean", tmp_path / "damaged")
+    _truncate_largest(tmp_path / "damaged" / "step_3")
+    capsys.readouterr()
+    resumed = train(tmp_path / "damaged")  # reruns epoch 2, and its snapshot
+    assert "is unreadable" in capsys.readouterr().err
+    assert resumed[:3] == clean[:3]  # best epoch, validation and test accuracy
+    _assert_same(resumed.best_params, clean.best_params)
+    assert all_steps(tmp_path / "damaged") == [1, 2, 3]
+    snapshots = pipeline.load_snapshots(resumed)
+    assert sorted(snapshots) == [0, 1, 2]
+    _assert_same(snapshots[2], pipeline.load_snapshots(clean)[2])
