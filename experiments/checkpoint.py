@@ -432,11 +432,12 @@ def _end_of_last_line(fd: int, size: int, block: int = 1 << 16) -> int:
     return 0
 
 
-def read_jsonl(path) -> list[dict]:
+def read_jsonl(path, *, line_numbers: bool = False) -> list:
     """All complete rows of a JSON-lines file ([] when it does not exist).
 
     A last line without its newline is an interrupted :func:`append_jsonl` and is skipped;
-    a malformed complete line is corruption and raises ``ValueError``.
+    a malformed complete line (bad JSON, bytes that are not UTF-8) is corruption and raises
+    ``ValueError`` naming the file and line. ``line_numbers=True``: ``(line, row)`` pairs.
     """
     path = Path(path)
     if not path.exists():
@@ -447,9 +448,12 @@ def read_jsonl(path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}:{number}: not UTF-8 text (damaged?)") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{number}: malformed JSON line: {e}") from None
+        rows.append((number, row) if line_numbers else row)
     return rows
 
 

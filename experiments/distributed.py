@@ -29,7 +29,7 @@ from typing import Optional
 import jax
 
 __all__ = ["ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "add_arguments", "describe",
-           "initialize_from_args", "main", "parse_coordinator", "selection_demo"]
+           "initialize_from_args", "main", "parse_coordinator", "run_group", "selection_demo"]
 
 # The coordinator variable is JAX's own (jax.distributed.initialize reads it too); the other two
 # follow its naming.
@@ -117,6 +117,21 @@ def initialize_from_args(args: argparse.Namespace) -> bool:
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid,
                                initialization_timeout=timeout)
     return True
+
+
+def run_group(args: argparse.Namespace) -> Optional[str]:
+    """A name shared by the processes of one multi-process run and by no other live run (the
+    coordinator's address, which only one run can serve at a time, and the process count);
+    ``None`` in a single-process run. The processes of a run share their ``--out`` lock by it
+    (:class:`experiments.lock.FolderLock`'s ``group``)."""
+    if jax.process_count() == 1:
+        return None
+    address = getattr(args, "coordinator", None)
+    if address in (None, AUTO):
+        from jax._src import distributed as jax_distributed  # the address auto-detection found
+
+        address = getattr(jax_distributed.global_state, "coordinator_address", None) or AUTO
+    return f"jax.distributed {address} x{jax.process_count()}"
 
 
 def describe() -> Optional[str]:

@@ -17,6 +17,8 @@ resumes from its last checkpoint, so a killed run continues to the same numbers.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 import time
 from typing import Any, Mapping, NamedTuple, Optional
@@ -89,11 +91,22 @@ class ExperimentConfig:
         if not 0.0 <= self.rate < 1.0:
             raise ValueError(f"rate must be in [0, 1), got {self.rate}")
         if self.noise == "file" and not self.noise_file:
-            raise ValueError("noise='file' needs noise_file, a CIFAR-N style label file")
+            raise ValueError("noise 'file' needs noise_file (--noise-file), a CIFAR-N style "
+                             "label file")
         if self.imbalance is not None and self.imbalance < 1:
             raise ValueError(f"imbalance must be a factor >= 1, got {self.imbalance}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.noise == "none" and self.rate != 0:
+            raise ValueError(f"rate must be 0 with noise 'none' (no label is changed), "
+                             f"got {self.rate}")
+        if self.noise != "file" and (self.noise_file or self.noise_file_key):
+            raise ValueError(f"noise_file and noise_file_key need noise 'file', got noise "
+                             f"{self.noise!r}")
+        for name in ("lr", "weight_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value}")
+        if self.imbalance is not None and not math.isfinite(self.imbalance):
+            raise ValueError(f"imbalance must be a finite factor >= 1, got {self.imbalance}")
         if self.budget <= 0:
             raise ValueError(f"budget must be positive, got {self.budget}")
         if not 0 <= self.warmup < self.budget:
@@ -117,6 +130,12 @@ class ExperimentConfig:
                                  f"size {self.mesh}")
         if not 0.0 <= self.exclude_fraction < 1.0:
             raise ValueError(f"exclude_fraction must be in [0, 1), got {self.exclude_fraction}")
+
+    def validate_methods(self, methods) -> None:
+        """The checks that depend on the methods run with this config."""
+        if "ta-vaal" in methods and self.warmup == 0:
+            raise ValueError("ta-vaal learns from the labelled meta set: it needs a warm-up "
+                             "(warmup > 0, --warmup)")
 
 
 # Fields that do not change the warm-up run: configs differing only in these share it.
@@ -200,6 +219,14 @@ def split_pool(problem: Problem, meta_indices: np.ndarray):
 
 
 # ----------------------------------------------------------------------------- training
+
+
+class TrainingDiverged(FloatingPointError):
+    """A training run reached non-finite values; the checkpoints of earlier epochs are kept."""
+
+    def __init__(self, desc: str, epoch: int, detail: str):
+        super().__init__(f"{desc} diverged in epoch {epoch}: {detail}")
+        self.desc, self.epoch = desc, epoch
 
 
 class TrainOutcome(NamedTuple):
@@ -342,7 +369,10 @@ def train_meta(
                 state, metrics = trainer.plain_step(state, batch)
             else:
                 state, metrics = trainer.step(state, batch, meta, k_step)
-            pivotal.check_finite(metrics)
+            try:
+                pivotal.check_finite(metrics)
+            except FloatingPointError as err:
+                raise TrainingDiverged(desc, epoch, str(err)) from None
         val = accuracy(model, state.params, state.model_state, problem.x_val, problem.y_val,
                        cfg.chunk_size)
         if val > track["best_val"]:

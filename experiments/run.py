@@ -8,17 +8,19 @@ rows are skipped and interrupted training continues from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import sys
 import time
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
 
-from experiments import checkpoint, distributed
+from experiments import checkpoint, distributed, lock, results
 from experiments.datasets import dataset_names
 from experiments.models import MODELS
 from experiments.pipeline import METHODS, NOISES, ExperimentConfig
@@ -33,6 +35,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dataset", help="dataset name: " + ", ".join(dataset_names()))
     p.add_argument("--data-dir", help="where downloaded datasets live (tfds data_dir, ...)")
     p.add_argument("--noise", help="label noise: " + ", ".join(NOISES))
+    p.add_argument("--noise-file", help="with --noise file: a CIFAR-N style label file "
+                                        "(.npy, or .npz / .pt with --noise-key)")
+    p.add_argument("--noise-key", help="with --noise file: the key of the labels in the file")
     p.add_argument("--rate", type=float, help="noise rate in [0, 1)")
     p.add_argument("--imbalance", type=float, help="long-tailed imbalance factor (>= 1)")
     p.add_argument("--model", help="model: " + ", ".join(MODELS))
@@ -43,6 +48,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, help="epochs of each training run")
     p.add_argument("--rounds", type=int, help="selection rounds after the warm-up")
     p.add_argument("--lr", type=float, help="learning rate of the model's SGD")
+    p.add_argument("--weight-lr", type=float, help="learning rate of the per-example weights")
     p.add_argument("--mesh", help="shard the example axis over devices, e.g. data=4")
     p.add_argument("--out", default="results", help="output directory (default: results)")
     distributed.add_arguments(p)
@@ -57,9 +63,51 @@ def list_presets() -> str:
     return "\n".join(lines)
 
 
+# Integer flags and the smallest value each takes.
+_INT_FLAGS = {"seeds": 1, "budget": 1, "warmup": 0, "epochs": 1, "rounds": 1}
+_FINITE_FLAGS = ("rate", "imbalance", "lr", "weight_lr")
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Each explicit flag on its own, named as the user typed it."""
+    for name, low in _INT_FLAGS.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ValueError(f"--{name} must be an integer >= {low}, got {value}")
+    for name in _FINITE_FLAGS:
+        value = getattr(args, name)
+        if value is not None and not np.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    for name in ("lr", "weight_lr"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.noise == "none" and args.rate not in (None, 0.0):
+        raise ValueError(f"--rate {args.rate:g} needs a noise model: --noise none changes no "
+                         f"label (use --noise uniform or adversarial)")
+    if (args.noise_file or args.noise_key) and args.noise not in ("file", None):
+        raise ValueError(f"--noise-file and --noise-key go with --noise file, got --noise "
+                         f"{args.noise}")
+
+
+def _methods(text: Optional[str], default: tuple) -> tuple:
+    if text is None:
+        return default
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"--methods must name some of {list(METHODS)}, got {unknown or methods}")
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:
+        raise ValueError(f"--methods names {', '.join(repeated)} more than once; each method "
+                         f"runs once per seed")
+    return methods
+
+
 def resolve(args: argparse.Namespace):
     """Config, methods and seeds from the preset and the explicit flags; validated."""
     preset = get_preset(args.preset)
+    _check_flags(args)
     epochs = args.epochs
     mesh = None
     if args.mesh is not None:
@@ -67,11 +115,13 @@ def resolve(args: argparse.Namespace):
         if name != "data" or not size.isdigit():
             raise ValueError(f"--mesh must look like data=N, got {args.mesh!r}")
         mesh = int(size)
+    rate = 0.0 if args.noise == "none" and args.rate is None else args.rate
     cfg = with_overrides(preset.config, dataset=args.dataset, data_dir=args.data_dir,
-                         noise=args.noise, rate=args.rate, imbalance=args.imbalance,
+                         noise=args.noise, rate=rate, imbalance=args.imbalance,
+                         noise_file=args.noise_file, noise_file_key=args.noise_key,
                          model=args.model, budget=args.budget, warmup=args.warmup,
-                         rounds=args.rounds, lr=args.lr, epochs=epochs, mesh=mesh,
-                         warmup_epochs=epochs, finetune_epochs=epochs)
+                         rounds=args.rounds, lr=args.lr, weight_lr=args.weight_lr,
+                         epochs=epochs, mesh=mesh, warmup_epochs=epochs, finetune_epochs=epochs)
     if cfg.dataset not in dataset_names():
         raise ValueError(f"--dataset must be one of {list(dataset_names())}, got {cfg.dataset!r}")
     if cfg.model not in MODELS:
@@ -81,15 +131,34 @@ def resolve(args: argparse.Namespace):
         raise ValueError(f"--{preset.sweep[0].replace('_', '-')} conflicts with preset "
                          f"{args.preset!r}, which sweeps {preset.sweep[0]} over "
                          f"{list(preset.sweep[1])}")
-    methods = preset.methods if args.methods is None else tuple(
-        m.strip() for m in args.methods.split(",") if m.strip())
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ValueError(f"--methods must name some of {list(METHODS)}, got {unknown or methods}")
+    methods = _methods(args.methods, preset.methods)
+    cfg.validate_methods(methods)
     seeds = preset.seeds if args.seeds is None else args.seeds
-    if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
     return cfg, methods, seeds
+
+
+def preflight(configs: list, out: str) -> None:
+    """What can be checked before training: the data loads, the model fits it, the budget is
+    smaller than the training set, ``OUT/results.jsonl`` is readable. ``ValueError`` if not."""
+    from experiments import pipeline
+    from experiments.datasets import DatasetNotFoundError
+
+    results.load_rows(results.results_path(out))
+    for _, cfg in configs:
+        try:
+            problem = pipeline.make_problem(cfg, 0)
+        except DatasetNotFoundError as err:
+            raise ValueError(f"--dataset {cfg.dataset}: {err}") from None
+        except (OSError, KeyError) as err:  # e.g. an unreadable --noise-file
+            raise ValueError(f"--dataset {cfg.dataset} / --noise {cfg.noise}: {err}") from None
+        try:
+            pipeline.build_model(cfg, problem)
+        except ValueError as err:
+            raise ValueError(f"--model {cfg.model} does not fit --dataset {cfg.dataset} "
+                             f"(examples of shape {tuple(problem.input_shape)}): {err}") from None
+        if cfg.budget >= len(problem.y_noisy):
+            raise ValueError(f"--budget {cfg.budget} must be smaller than the training set "
+                             f"({len(problem.y_noisy)} examples of {cfg.dataset})")
 
 
 def config_id(cfg: ExperimentConfig) -> str:
@@ -214,9 +283,8 @@ def run(cfg: ExperimentConfig, methods: Sequence[str], seeds: int, out: str,
 
     check_out(out)
     cid = config_id(cfg)
-    results = os.path.join(out, "results.jsonl")
-    done = {(r["method"], r["seed"]) for r in checkpoint.read_jsonl(results)
-            if r.get("config_id") == cid}
+    path = results.results_path(out)
+    done = {(r["method"], r["seed"]) for r in results.config_rows(out, cid)}
     outcomes = {} if outcomes is None else outcomes
     # Several processes (jax.distributed) share OUT: every one trains (and checkpoints, as
     # Orbax expects), only process 0 writes the rows.
@@ -224,23 +292,26 @@ def run(cfg: ExperimentConfig, methods: Sequence[str], seeds: int, out: str,
 
     primary = jax.process_index() == 0
     mine: list = []
+    said: set = set()
     for seed in range(seeds):
         todo = [m for m in methods if (m, seed) not in done]
         if not todo:
             continue
         problem = pipeline.make_problem(cfg, seed)
-        if cfg.budget >= len(problem.y_noisy):
-            raise ValueError(f"--budget {cfg.budget} must be smaller than the training set "
-                             f"({len(problem.y_noisy)} examples)")
         model = pipeline.build_model(cfg, problem)
         work = seed_dir(out, cfg, seed)
         warm = None
         for method in todo:
-            if method != "base" and warm is None:
-                warm = pipeline.warmup_run(problem, model, cfg, seed, warmup_dir(out, cfg, seed))
             t0 = time.perf_counter()
-            row, outcome = pipeline.run_method(method, problem, model, cfg, seed, work, warm,
-                                               return_outcome=True)
+            try:
+                with _once(said):
+                    if method != "base" and warm is None:
+                        warm = pipeline.warmup_run(problem, model, cfg, seed,
+                                                   warmup_dir(out, cfg, seed))
+                    row, outcome = pipeline.run_method(method, problem, model, cfg, seed, work,
+                                                       warm, return_outcome=True)
+            except pipeline.TrainingDiverged as err:
+                raise Diverged(method, seed, err) from None
             if seed == 0:
                 outcomes[method] = outcome
             row.update(seed=seed, dataset=cfg.dataset, noise=cfg.noise, rate=cfg.rate,
@@ -250,14 +321,40 @@ def run(cfg: ExperimentConfig, methods: Sequence[str], seeds: int, out: str,
                        config=dataclasses.asdict(cfg), wall_seconds=time.perf_counter() - t0)
             mine.append(row)
             if primary:
-                checkpoint.append_jsonl(results, row)
+                checkpoint.append_jsonl(path, row)
             print(f"seed {seed} {method:10s} test acc {100 * row['test_accuracy']:.2f}%  "
                   f"weight AUC {row['weight_auc'] if row['weight_auc'] is None else round(row['weight_auc'], 3)}",
                   flush=True)
     if not primary:  # process 0 may not have written its rows yet
-        return [r for r in checkpoint.read_jsonl(results) if r.get("config_id") == cid
-                and (r["method"], r["seed"]) in done] + mine
-    return [r for r in checkpoint.read_jsonl(results) if r.get("config_id") == cid]
+        return [r for r in results.config_rows(out, cid) if (r["method"], r["seed"]) in done] \
+            + mine
+    return results.config_rows(out, cid)
+
+
+class Diverged(RuntimeError):
+    """A training run of ``method`` and ``seed`` reached non-finite values."""
+
+    def __init__(self, method: str, seed: int, err: Exception):
+        super().__init__(f"method {method}, seed {seed}: {err.desc} diverged in epoch "
+                         f"{err.epoch} (non-finite loss, weight or parameter); no row was "
+                         f"written and the checkpoints of earlier epochs are kept. Try a "
+                         f"smaller --lr or --weight-lr")
+
+
+@contextlib.contextmanager
+def _once(said: set):
+    """Shows each distinct warning once per :func:`run`: the methods of a seed share the
+    warm-up, so e.g. its snapshot fallback would be repeated by every method (the rows'
+    ``snapshot_epochs`` record what each used)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            new = [w for w in caught if (str(w.message), w.category) not in said]
+    for w in new:
+        said.add((str(w.message), w.category))
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def seed_dir(out: str, cfg: ExperimentConfig, seed: int) -> str:
@@ -415,8 +512,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:  # before any other JAX call
         distributed.initialize_from_args(args)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _error(err, 2)
     if args.list_presets:
         print(list_presets())
         return 0
@@ -424,12 +520,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg, methods, seeds = resolve(args)
         configs = sweep_configs(cfg, get_preset(args.preset).sweep)
         check_out(args.out)
+        with lock.FolderLock(args.out, flag="--out", group=distributed.run_group(args)):
+            preflight(configs, args.out)
+            preset = get_preset(args.preset)
+            run_all(configs, methods, seeds, args.out, sweep=preset.sweep, plot=preset.plot)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    preset = get_preset(args.preset)
-    run_all(configs, methods, seeds, args.out, sweep=preset.sweep, plot=preset.plot)
+        return _error(err, 2)
+    except Diverged as err:
+        return _error(err, 1)
     return 0
+
+
+def _error(err: Exception, code: int) -> int:
+    """One line on stderr, however many lines the message had; returns ``code``."""
+    print("error: " + " ".join(str(err).split()), file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

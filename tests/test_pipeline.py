@@ -78,10 +78,10 @@ def test_bad_arguments_fail_before_training(argv, match, capsys, tmp_path):
     assert not os.path.exists(tmp_path / "results.jsonl")
 
 
-def test_budget_larger_than_training_set(tmp_path):
-    with pytest.raises(ValueError, match="budget"):
-        run.main(["--preset", "smoke", "--budget", "100000", "--warmup", "10",
-                  "--methods", "random", "--out", str(tmp_path)])
+def test_budget_larger_than_training_set(tmp_path, capsys):
+    assert run.main(["--preset", "smoke", "--budget", "100000", "--warmup", "10",
+                     "--methods", "random", "--out", str(tmp_path)]) == 2
+    assert "error: --budget 100000 must be smaller" in capsys.readouterr().err
 
 
 def test_unwritable_out(capsys, tmp_path):
