@@ -22,18 +22,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
 import jax
 import numpy as np
 
-from experiments import checkpoint, models, pipeline, run
-from experiments.presets import PRESETS
+from experiments import checkpoint, models, pipeline
+from experiments.config import ExperimentConfig, config_id
+from experiments.presets import PRESETS, sweep_configs
 
 
-def lr_probe(cfg: pipeline.ExperimentConfig, lrs, seeds: int, out: str) -> list[str]:
+def lr_probe(cfg: ExperimentConfig, lrs, seeds: int, out: str) -> list[str]:
     lines = ["| lr | " + " | ".join(f"seed {s}" for s in range(seeds)) + " | mean |",
              "|---" * (seeds + 2) + "|"]
     for lr in lrs:
@@ -43,8 +43,8 @@ def lr_probe(cfg: pipeline.ExperimentConfig, lrs, seeds: int, out: str) -> list[
             problem = pipeline.make_problem(c, seed)
             model = pipeline.build_model(c, problem)
             # The preset's own learning rate reuses the preset's warm-up (no training).
-            work = (run.warmup_dir(out, c, seed) if lr == cfg.lr else
-                    os.path.join(out, "work", "lr-probe", run.config_id(c), f"seed{seed}"))
+            work = (pipeline.warmup_dir(out, c, seed) if lr == cfg.lr else
+                    os.path.join(out, "work", "lr-probe", config_id(c), f"seed{seed}"))
             _, outcome = pipeline.warmup_run(problem, model, c, seed, work)
             vals.append(outcome.best_val_accuracy)
         lines.append(f"| {lr} | " + " | ".join(f"{v:.3f}" for v in vals)
@@ -52,16 +52,16 @@ def lr_probe(cfg: pipeline.ExperimentConfig, lrs, seeds: int, out: str) -> list[
     return lines
 
 
-def final_outcome(cfg: pipeline.ExperimentConfig, out: str, row: dict):
+def final_outcome(cfg: ExperimentConfig, out: str, row: dict):
     """The finished final training run of ``row``, restored from its checkpoint."""
     seed, method = row["seed"], row["method"]
     problem = pipeline.make_problem(cfg, seed)
     model = pipeline.build_model(cfg, problem)
     meta = np.asarray(row["meta_indices"], np.int64)
     if method == "base":
-        ckpt, meta_indices = pipeline.run_dir(run.seed_dir(out, cfg, seed), method), None
+        ckpt, meta_indices = pipeline.run_dir(pipeline.seed_dir(out, cfg, seed), method), None
     else:
-        ckpt, meta_indices = pipeline.run_dir(run.seed_dir(out, cfg, seed), method,
+        ckpt, meta_indices = pipeline.run_dir(pipeline.seed_dir(out, cfg, seed), method,
                                               cfg.rounds - 1), meta
     if checkpoint.latest_step(ckpt) != cfg.epochs:
         raise FileNotFoundError(f"no finished run in {ckpt}: run --preset first with this --out")
@@ -79,10 +79,10 @@ def final_outcome(cfg: pipeline.ExperimentConfig, out: str, row: dict):
     return counts, max_abs, w, outcome
 
 
-def inside(cfg: pipeline.ExperimentConfig, out: str, below: float) -> list[str]:
+def inside(cfg: ExperimentConfig, out: str, below: float) -> list[str]:
     rows = [r for r in checkpoint.read_jsonl(os.path.join(out, "results.jsonl"))
             if r["method"] != "finetune"  # fine-tuning trains on the meta set alone
-            and r["config_id"] == run.config_id(cfg)]
+            and r["config_id"] == config_id(cfg)]
     lines = ["| run | test acc. | best epoch | predicted classes (validation) | max abs param "
              "| weights: mean, fraction > 0 |", "|---|---|---|---|---|---|"]
     low = [r for r in rows if r["test_accuracy"] < below]
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     preset = PRESETS[args.preset]
-    for label, cfg in run.sweep_configs(preset.config, preset.sweep):
+    for label, cfg in sweep_configs(preset.config, preset.sweep):
         if label:
             print(f"### {label}\n")
         print("\n".join(inside(cfg, args.out, args.below)))

@@ -1,4 +1,5 @@
-"""Figures from the experiments: per-method accuracy bars and the paper's Figure 1 (toy set).
+"""Every figure of the experiments: the plotting functions (rows or arrays in, a PNG out) and
+the figures of a run (:func:`write_plots`, what the command line writes under ``OUT``).
 
 - :func:`plot_method_bars`: mean +- std test accuracy per method from ``results.jsonl`` rows.
 - :func:`plot_fig1`: the 2-D toy set coloured by true label, the meta examples as stars, each
@@ -12,6 +13,10 @@
   K-means centroids under the sign-invariant distance ``1 - |cos|``
   (:func:`abs_cosine_distance`), the selected meta examples circled.
 
+:func:`write_plots` draws ``OUT/methods.png`` and the preset's figure; :func:`write_fig1` and
+:func:`write_fig4` first recompute what their figure needs (seed 0's final models, the RBC
+features of its warm-up) from the checkpoints of the run.
+
 Every plotting function checks its input first and raises ``ValueError`` naming the offending
 argument before any heavy work (t-SNE, rendering).
 
@@ -23,16 +28,25 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
+import jax
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+import pivotal
+from pivotal.selection import remaining_candidates
+from experiments import models, pipeline
 from experiments.checkpoint import write_bytes_atomic
+from experiments.config import METHODS, ExperimentConfig
+from experiments.selection import selection_features
+from experiments.training import build_model, train_meta
 
 FIG1_METHODS = ("random", "rbc", "gbc")
 LABEL_COLOURS = ("tab:blue", "tab:red")  # class 0 (lower corners), class 1 (upper corners)
@@ -50,8 +64,6 @@ def _save_atomic(fig, path: str) -> str:
 
 
 def _method_order(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    from experiments.pipeline import METHODS
-
     present = {r["method"] for r in rows}
     known = [m for m in METHODS if m in present]
     return known + sorted(present - set(known))
@@ -89,22 +101,16 @@ def plot_method_bars(rows: Sequence[Mapping[str, Any]], path: str,
 
 def mlp_predict(hidden: Sequence[int] = (100, 100), num_classes: int = 2) -> Callable:
     """``predict(params, model_state, x) -> logits`` of the pipeline's MLP."""
-    from experiments import models
-
     module, has_state = models.make_model("mlp", num_classes, (2,), hidden=tuple(hidden))
     return models.predict_fn(module, has_state)
 
 
 def train_clean_classifier(problem, cfg, seed: int = 0):
     """The model of ``cfg`` trained on the CLEAN training labels (no meta set): its outcome."""
-    import jax
-
-    from experiments import pipeline
-
-    model = pipeline.build_model(cfg, problem)
-    return pipeline.train_meta(problem, model, cfg, jax.random.PRNGKey(10_000 + seed),
-                               meta_indices=None, epochs=cfg.epochs,
-                               train_labels=problem.y_clean, desc="clean")
+    model = build_model(cfg, problem)
+    return train_meta(problem, model, cfg, jax.random.PRNGKey(10_000 + seed),
+                      meta_indices=None, epochs=cfg.epochs, train_labels=problem.y_clean,
+                      desc="clean")
 
 
 def _params_of(item) -> tuple[Mapping[str, Any], Any, Any]:
@@ -414,6 +420,37 @@ def plot_tsne(features: np.ndarray, centroids: np.ndarray, path: str, *,
     ``init="random"``, and perplexity :func:`tsne_perplexity` of the number of embedded points
     (sklearn requires it below that number). Returns ``path``.
     """
+    features, centroids, labels, selected = _checked_tsne_inputs(
+        features, centroids, labels, selected, max_points)
+    n = features.shape[0]
+    subset = _tsne_subset(n, selected, max_points, seed)
+    ex, cen = _embed(features[subset], centroids, seed)
+    m = centroids.shape[0]
+
+    fig, ax = plt.subplots(figsize=(5.6, 5.0))
+    _scatter_by_label(fig, ax, ex, None if labels is None else labels[subset],
+                      None if labels is None else np.unique(labels))
+    if selected is not None and selected.size:
+        where = np.searchsorted(subset, selected)  # every selected index is in the subset
+        ax.scatter(ex[where, 0], ex[where, 1], s=55, facecolors="none", edgecolors="red",
+                   linewidths=1.3, zorder=4, label="selected (meta)")
+    ax.scatter(cen[:, 0], cen[:, 1], marker="*", s=280, c="black", edgecolors="white",
+               linewidths=0.8, zorder=5, label="centroids")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel("t-SNE 1")
+    ax.set_ylabel("t-SNE 2")
+    shown = f"{subset.size} of {n}" if subset.size < n else f"{n}"
+    ax.set_title((f"{title}\n" if title else "") + f"t-SNE (1 - |cos|) of {shown} examples, "
+                 f"{m} centroids", fontsize=9)
+    n_entries = len(ax.get_legend_handles_labels()[1])
+    ax.legend(fontsize=7, loc="best", ncol=2 if n_entries > 8 else 1)
+    return _save_atomic(fig, path)
+
+
+def _checked_tsne_inputs(features, centroids, labels, selected, max_points):
+    """``(features, centroids, labels, selected)`` as arrays (labels int64, selected sorted
+    unique int64), after the checks of :func:`plot_tsne`; ValueError naming the argument."""
     func = "plot_tsne"
     features = np.asarray(features)
     centroids = np.asarray(centroids)
@@ -453,61 +490,146 @@ def plot_tsne(features: np.ndarray, centroids: np.ndarray, path: str, *,
         raise ValueError(f"{func}: max_points must be an int, got {max_points!r}")
     if max_points < 1:
         raise ValueError(f"{func}: max_points must be >= 1, got {max_points}")
+    return features, centroids, labels, selected
 
-    # The examples to embed (sorted indices into features).
+
+def _tsne_subset(n: int, selected, max_points: int, seed: int) -> np.ndarray:
+    """The examples to embed (sorted indices into the features): all of them, or, beyond
+    ``max_points``, every selected one plus a seeded random draw of the rest."""
     rng = np.random.default_rng(seed)
     if n > max_points:
         keep = selected if selected is not None else np.zeros(0, np.int64)
         rest = np.setdiff1d(np.arange(n), keep)
         fill = max(0, max_points - keep.size)
-        subset = np.union1d(keep, rng.choice(rest, size=min(fill, rest.size), replace=False))
-    else:
-        subset = np.arange(n)
-    m = centroids.shape[0]
-    n_points = subset.size + m
+        return np.union1d(keep, rng.choice(rest, size=min(fill, rest.size), replace=False))
+    return np.arange(n)
+
+
+def _embed(examples: np.ndarray, centroids: np.ndarray, seed: int):
+    """``(examples, centroids)`` in 2-D: one t-SNE of both under :func:`abs_cosine_distance`."""
+    n_points = examples.shape[0] + centroids.shape[0]
     if n_points < 2:
-        raise ValueError(f"{func}: need at least 2 points (features + centroids) to embed")
+        raise ValueError("plot_tsne: need at least 2 points (features + centroids) to embed")
 
     from sklearn.manifold import TSNE
 
-    points = np.concatenate([features[subset], centroids]).astype(np.float64)
+    points = np.concatenate([examples, centroids]).astype(np.float64)
     dist = abs_cosine_distance(points)
     tsne = TSNE(n_components=2, metric="precomputed", init="random", random_state=seed,
                 perplexity=tsne_perplexity(n_points))
     emb = tsne.fit_transform(dist)
-    ex, cen = emb[:subset.size], emb[subset.size:]
+    return emb[:examples.shape[0]], emb[examples.shape[0]:]
 
-    fig, ax = plt.subplots(figsize=(5.6, 5.0))
-    if labels is None:
+
+def _scatter_by_label(fig, ax, ex: np.ndarray, sub_labels, classes) -> None:
+    """The embedded examples: grey without labels, one colour per class up to 20 classes (a
+    legend), a colorbar beyond."""
+    if sub_labels is None:
         ax.scatter(ex[:, 0], ex[:, 1], s=6, c="tab:gray", alpha=0.6, linewidths=0,
                    label="examples")
+    elif classes.size <= 20:
+        cmap = plt.get_cmap("tab10" if classes.size <= 10 else "tab20")
+        for k, cls in enumerate(classes):
+            mask = sub_labels == cls
+            if mask.any():
+                ax.scatter(ex[mask, 0], ex[mask, 1], s=6, color=cmap(k), alpha=0.7,
+                           linewidths=0, label=f"class {cls}")
     else:
-        sub_labels = labels[subset]
-        classes = np.unique(labels)
-        if classes.size <= 20:
-            cmap = plt.get_cmap("tab10" if classes.size <= 10 else "tab20")
-            for k, cls in enumerate(classes):
-                mask = sub_labels == cls
-                if mask.any():
-                    ax.scatter(ex[mask, 0], ex[mask, 1], s=6, color=cmap(k), alpha=0.7,
-                               linewidths=0, label=f"class {cls}")
-        else:
-            sc = ax.scatter(ex[:, 0], ex[:, 1], s=6, c=sub_labels, cmap="tab20", alpha=0.7,
-                            linewidths=0)
-            fig.colorbar(sc, ax=ax, label="label", shrink=0.8)
-    if selected is not None and selected.size:
-        where = np.searchsorted(subset, selected)  # every selected index is in the subset
-        ax.scatter(ex[where, 0], ex[where, 1], s=55, facecolors="none", edgecolors="red",
-                   linewidths=1.3, zorder=4, label="selected (meta)")
-    ax.scatter(cen[:, 0], cen[:, 1], marker="*", s=280, c="black", edgecolors="white",
-               linewidths=0.8, zorder=5, label="centroids")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_xlabel("t-SNE 1")
-    ax.set_ylabel("t-SNE 2")
-    shown = f"{subset.size} of {n}" if subset.size < n else f"{n}"
-    ax.set_title((f"{title}\n" if title else "") + f"t-SNE (1 - |cos|) of {shown} examples, "
-                 f"{m} centroids", fontsize=9)
-    n_entries = len(ax.get_legend_handles_labels()[1])
-    ax.legend(fontsize=7, loc="best", ncol=2 if n_entries > 8 else 1)
-    return _save_atomic(fig, path)
+        sc = ax.scatter(ex[:, 0], ex[:, 1], s=6, c=sub_labels, cmap="tab20", alpha=0.7,
+                        linewidths=0)
+        fig.colorbar(sc, ax=ax, label="label", shrink=0.8)
+
+
+# ----------------------------------------------------------------------------- a run's figures
+
+
+def write_plots(configs: list, methods: Sequence[str], out: str, rows_by_label: dict,
+                plot: Optional[str], outcomes: dict, sweep=None) -> None:
+    """``OUT/methods.png`` (``methods-LABEL.png`` per swept value) and the preset's figure:
+    ``fig1.png``, ``fig3.png`` (accuracy vs the swept noise rate), ``rounds.png`` (accuracy
+    per round) or ``fig4.png`` (t-SNE of seed 0's RBC features and centroids)."""
+    for label, cfg in configs:
+        name = f"methods-{label}.png" if label else "methods.png"
+        plot_method_bars(rows_by_label[label], os.path.join(out, name),
+                         title=f"{cfg.dataset}, {cfg.noise} {cfg.rate:g}, budget "
+                               f"{cfg.budget}" + (f", {label}" if label else ""))
+        print(f"wrote {os.path.join(out, name)}")
+    if plot is None:
+        return
+    label, cfg = configs[0]
+    if plot == "fig1":
+        path = write_fig1(cfg, methods, out, rows_by_label[label], outcomes[label])
+    elif plot == "fig3":
+        rows = [r for lab in rows_by_label for r in rows_by_label[lab]]
+        path = plot_noise_curve(rows, os.path.join(out, "fig3.png"), x=sweep[0],
+                                title=f"{cfg.dataset}, {cfg.noise} noise, budget "
+                                      f"{cfg.budget}")
+    elif plot == "table6":
+        rows = [r for r in rows_by_label[label] if r.get("round_meta_count")]
+        path = plot_rounds(rows, os.path.join(out, "rounds.png"),
+                           title=f"{cfg.dataset}, {cfg.noise} {cfg.rate:g}: "
+                                 f"{cfg.warmup} warm-up + {cfg.rounds} rounds")
+    elif plot == "fig4":
+        path = write_fig4(cfg, out, rows_by_label[label])
+    else:
+        raise ValueError(f"unknown plot {plot!r}")
+    if path:
+        print(f"wrote {path}")
+
+
+def write_fig4(cfg: ExperimentConfig, out: str, rows: list[dict]) -> Optional[str]:
+    """``OUT/fig4.png``: t-SNE of seed 0's RBC features (the snapshots its selection used),
+    with the weighted K-means centroids of the candidates and the selected examples circled.
+    The features are recomputed from the warm-up's checkpoints in ``OUT/work``."""
+    row = next((r for r in rows if r["method"] == "rbc" and r["seed"] == 0), None)
+    if row is None:
+        print("fig4.png skipped: no rbc row for seed 0", file=sys.stderr)
+        return None
+    problem = pipeline.make_problem(cfg, 0)
+    model = build_model(cfg, problem)
+    meta0, warm = pipeline.warmup_run(problem, model, cfg, 0, pipeline.warmup_dir(out, cfg, 0))
+    # The same keys as run_method's first selection round.
+    k_sel = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), 4), 0)
+    k_feat, k_means = jax.random.split(k_sel)
+    feats = selection_features("rbc", problem, model, warm, cfg, k_feat)
+    candidates = remaining_candidates(feats, existing=meta0,
+                                      exclude_fraction=cfg.exclude_fraction)
+    selected = np.asarray(row["meta_indices"][len(meta0):len(meta0) + cfg.budget - cfg.warmup])
+    result = pivotal.weighted_spherical_kmeans(feats[candidates], len(selected), k_means,
+                                               max_iters=cfg.kmeans_iters)
+    where = {int(c): i for i, c in enumerate(candidates)}
+    return plot_tsne(np.asarray(feats[candidates]), np.asarray(result.centroids),
+                     os.path.join(out, "fig4.png"), labels=problem.y_clean[candidates],
+                     selected=np.asarray([where[int(s)] for s in selected if int(s) in where]),
+                     title=f"RBC features of {cfg.dataset} (seed 0, true labels), "
+                           f"{len(selected)} weighted K-means centroids (stars), "
+                           f"selected examples circled")
+
+
+def write_fig1(cfg: ExperimentConfig, methods: Sequence[str], out: str, rows: list[dict],
+               outcomes: dict) -> Optional[str]:
+    """``OUT/fig1.png``: seed 0's decision regions and meta examples on the 2-D toy set (the
+    paper's Fig. 1). ``outcomes``: seed 0's final runs by method; a method without one (a
+    resumed run) is restored from its checkpoints in ``OUT/work``."""
+    problem = pipeline.make_problem(cfg, 0)
+    if tuple(problem.input_shape) != (2,) or problem.num_classes != 2:
+        print(f"fig1.png skipped: {cfg.dataset} is not a 2-D two-class set", file=sys.stderr)
+        return None
+    model = build_model(cfg, problem)
+    work = pipeline.seed_dir(out, cfg, 0)
+    drawn = [m for m in FIG1_METHODS if m in methods]
+    drawn_runs = []
+    for method in drawn:
+        row = next(r for r in rows if r["method"] == method and r["seed"] == 0)
+        if method not in outcomes:  # a resumed run: reload from the checkpoints in work/
+            warm = pipeline.warmup_run(problem, model, cfg, 0, pipeline.warmup_dir(out, cfg, 0))
+            _, outcomes[method] = pipeline.run_method(method, problem, model, cfg, 0, work,
+                                                      warm, return_outcome=True)
+        drawn_runs.append((row, outcomes[method]))
+    clean = train_clean_classifier(problem, cfg, seed=0)
+    return plot_fig1(problem, drawn_runs, os.path.join(out, "fig1.png"), methods=drawn,
+                     predict=model.predict, clean=clean,
+                     title=f"toy, {cfg.noise} noise {cfg.rate:g}, {cfg.budget} meta "
+                           f"examples ({cfg.warmup} random + {cfg.budget - cfg.warmup} "
+                           f"selected), seed 0; clean-data classifier test acc "
+                           f"{100 * clean.test_accuracy:.1f}%")

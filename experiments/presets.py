@@ -1,11 +1,14 @@
-"""Named experiment settings: a config, the methods, the seeds, and the expected run time."""
+"""Named experiment settings: a config, the methods, the seeds, and the expected run time.
+
+A preset may sweep one field over values (:func:`sweep_configs`: one config per value).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import NamedTuple, Optional
 
-from experiments.pipeline import METHODS, ExperimentConfig
+from experiments.config import METHODS, ExperimentConfig
 
 
 class Preset(NamedTuple):
@@ -163,7 +166,6 @@ PRESETS.update({
 })
 
 
-
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
@@ -173,3 +175,14 @@ def get_preset(name: str) -> Preset:
 def with_overrides(config: ExperimentConfig, **overrides) -> ExperimentConfig:
     """The preset's config with the command line's explicit values on top."""
     return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def sweep_configs(cfg: ExperimentConfig, sweep) -> list[tuple[str, ExperimentConfig]]:
+    """``[(label, config)]``: one per value of the preset's swept field (or just ``cfg``)."""
+    if sweep is None:
+        return [("", cfg)]
+    name, values = sweep
+    configs = [(f"{name}={v}", dataclasses.replace(cfg, **{name: v})) for v in values]
+    for _, c in configs:
+        c.validate()
+    return configs

@@ -7,6 +7,7 @@ file with any other line (naming the file and line), so a damaged file stops a r
 trains, not in the middle of writing its table. Rows that repeat a (method, seed, config_id)
 (two runs that shared a folder before it was locked, a line pasted twice) are dropped by
 :func:`unique_rows`, keeping the first: a repeated row is the same run, never another seed.
+:func:`check_out` checks, before any training, that ``OUT`` can be written at all.
 """
 
 from __future__ import annotations
@@ -25,6 +26,18 @@ _OPTIONAL_NUMBERS = ("weight_auc", "weight_auc_boundary")
 
 def results_path(out: str) -> str:
     return os.path.join(out, RESULTS_NAME)
+
+
+def check_out(out: str) -> None:
+    """``ValueError`` naming ``--out`` unless ``out`` is (or can be made) a writable folder."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"--out {out!r} is not a writable directory: {err}") from None
 
 
 def _number(value) -> bool:

@@ -14,7 +14,7 @@ Selection picks the unlabelled examples the discriminator finds least likely to 
 labelled. Here *labelled* = the current meta set (``existing``) and *unlabelled* = the
 noisy training pool (every other index).
 
-Entry point (what ``experiments/pipeline.py`` calls)::
+Entry point (what ``experiments/selection.py`` calls)::
 
     idx = ta_vaal_selection(
         x,                    # (N, ...) inputs, e.g. problem.x_train (uint8 or float)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from experiments import checkpoint, lock, results, run
+from experiments import checkpoint, lock, report, results, run
 
 SMOKE = ["--preset", "smoke"]
 
@@ -112,7 +112,7 @@ def test_repeated_rows_count_once(capsys, tmp_path):
     kept = results.config_rows(str(tmp_path), "abc")
     assert [(r["seed"], r["test_accuracy"]) for r in kept] == [(0, 0.5), (1, 0.9)]
     assert "dropped 1 repeated row" in capsys.readouterr().err
-    table = run.summarise(kept, ["random"])
+    table = report.summarise(kept, ["random"])
     assert "| random | 2 | 70.00 ± 20.00 |" in table
 
 

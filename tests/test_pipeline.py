@@ -179,7 +179,7 @@ def test_without_warmup_selects_the_whole_budget(tmp_path):
     assert rows[0]["meta_indices"] != rows[1]["meta_indices"]
     problem = pipeline.make_problem(cfg, 0)
     model = pipeline.build_model(cfg, problem)
-    warm = pipeline.warmup_run(problem, model, cfg, 0, run.warmup_dir(str(tmp_path), cfg, 0))
+    warm = pipeline.warmup_run(problem, model, cfg, 0, pipeline.warmup_dir(str(tmp_path), cfg, 0))
     assert warm[0].size == 0 and warm[1].weights is None  # plain training, nothing cleaned
     with pytest.raises(ValueError, match="ta-vaal .* needs a warm-up"):
         pipeline.run_method("ta-vaal", problem, model, cfg, 0, str(tmp_path / "w"), warm)
