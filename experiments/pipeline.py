@@ -1,4 +1,7 @@
-"""The paper's pipeline (Algorithm 2 with one or more rounds), one phase per module:
+"""The paper's pipeline (Algorithm 2 with one or more rounds): its phases, strung together.
+
+The phases' code lives in problem.py, training.py and selection.py; their names are
+importable from here too.
 
 1. :func:`~experiments.problem.make_problem` -- dataset, imbalance and label noise.
 2. :func:`warmup_run`: :func:`~experiments.training.train_meta` on ``M0`` random cleaned
