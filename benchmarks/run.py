@@ -234,7 +234,7 @@ def bench_features(cfg: Config, ds) -> dict:
     rbc_dim = int(history_features(rbc_fn, snaps, key).shape[1])
     gbc_dim = int(history_features(gbc_fn, snaps, key).shape[1])
     # Breakdown of one GBC call: importance pass vs per-example pass.
-    from pivotal import features as feat_mod
+    from pivotal import gbc as feat_mod
 
     params = snaps[-1]
     gkey = jax.random.key(5)

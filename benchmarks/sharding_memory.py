@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pivotal import features as F
+from pivotal import grads as F
 from pivotal import kmeans as K
 from pivotal import sharding as S
 

@@ -8,8 +8,27 @@ Public API (names and meanings are a contract, see DESIGN.md):
   :func:`per_example_grads`, :func:`label_free_loss`;
 * clustering and selection: :func:`weighted_spherical_kmeans`, :func:`select_meta_samples`
   and the baseline selectors.
+
+Modules, bottom to top (each imports only those below it): ``_checks`` (argument checks),
+``_placement`` (where the example axis lives), ``_rows`` (the row-block engine); ``reweight``,
+``trainer``; ``rbc``, ``grads``, ``gbc``, ``history``; ``lloyd``, ``kmeans``; ``selection``,
+``baselines``, ``diagnostics``, ``outofcore``; ``sharding`` and the ``features`` facade.
 """
 
+from pivotal import features, outofcore, sharding
+from pivotal.baselines import (
+    certainty_selection,
+    craig_selection,
+    predictive_entropy,
+    random_selection,
+    uncertainty_selection,
+)
+from pivotal.diagnostics import mco_objective, msso_objective, stable_examples, theorem1_ratio
+from pivotal.gbc import gbc_features
+from pivotal.grads import per_example_grads
+from pivotal.history import history_features, sample_snapshot_epochs
+from pivotal.kmeans import KMeansResult, assign_clusters, weighted_spherical_kmeans
+from pivotal.rbc import label_free_loss, rbc_features, sketch_rbc_features
 from pivotal.reweight import (
     DirectWeightsState,
     MetaWeightNetState,
@@ -23,6 +42,8 @@ from pivotal.reweight import (
     weight_gradient,
     weight_net_apply,
 )
+from pivotal.selection import select_meta_samples
+from pivotal.sharding import data_mesh, replicate, shard_examples
 from pivotal.trainer import (
     MetaTrainer,
     MetaTrainState,
@@ -32,26 +53,6 @@ from pivotal.trainer import (
 )
 
 __version__ = "0.1.0"
-from pivotal.baselines import (
-    certainty_selection,
-    craig_selection,
-    predictive_entropy,
-    random_selection,
-    uncertainty_selection,
-)
-from pivotal.features import (
-    gbc_features,
-    history_features,
-    label_free_loss,
-    per_example_grads,
-    rbc_features,
-    sample_snapshot_epochs,
-)
-from pivotal.kmeans import KMeansResult, assign_clusters, weighted_spherical_kmeans
-from pivotal.selection import select_meta_samples
-from pivotal.diagnostics import mco_objective, msso_objective, stable_examples, theorem1_ratio
-from pivotal import outofcore, sharding
-from pivotal.sharding import data_mesh, replicate, shard_examples, sketch_rbc_features
 
 __all__ = [
     "DirectWeightsState",

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pivotal._checks import check_finite_array, check_indices, check_int, check_key
+
 __all__ = [
     "certainty_selection",
     "craig_selection",
@@ -30,51 +32,34 @@ __all__ = [
 
 
 def _existing_mask(num_examples: int, existing) -> np.ndarray:
-    """``(N,)`` bool, True for the indices in ``existing``."""
+    """``(N,)`` bool, True for the indices in ``existing`` (repeats allowed)."""
     mask = np.zeros(num_examples, dtype=bool)
-    if existing is None:
-        return mask
-    values = np.asarray(existing)
-    if values.size == 0:
-        return mask
-    if values.ndim != 1:
-        raise ValueError(f"`existing` must be a 1-D sequence of indices; got shape {values.shape}.")
-    if not np.issubdtype(values.dtype, np.integer):
-        raise TypeError(f"`existing` must hold integer indices; got dtype {values.dtype}.")
-    if values.min() < 0 or values.max() >= num_examples:
-        raise ValueError(
-            f"`existing` indices must lie in [0, {num_examples}); got values in [{values.min()}, {values.max()}]."
-        )
-    mask[values] = True
+    mask[check_indices(existing, num_examples, "existing", unique=False)] = True
     return mask
 
 
 def _check_budget(budget, available: int) -> int:
-    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
-        raise TypeError(f"`budget` must be an int; got {type(budget)}.")
-    if budget <= 0 or budget > available:
-        raise ValueError(
-            f"`budget` must lie in [1, {available}] (the examples not already in `existing`); got {budget}."
-        )
-    return int(budget)
+    budget = check_int(budget, "budget")
+    if budget > available:
+        raise ValueError(f"budget must lie in [1, {available}] (the examples not already in existing); got {budget}")
+    return budget
 
 
 def _check_probs(probs, atol: float = 1e-3) -> np.ndarray:
     values = np.asarray(probs, dtype=np.float64)
     if values.ndim != 2 or values.shape[0] < 1 or values.shape[1] < 1:
-        raise ValueError(f"`probs` must have shape (N, C) with N, C >= 1; got shape {values.shape}.")
-    if not np.all(np.isfinite(values)):
-        raise ValueError("`probs` contains NaN or inf values.")
+        raise ValueError(f"probs must have shape (N, C) with N, C >= 1; got shape {values.shape}")
+    check_finite_array(values, "probs")
     if values.min() < 0:
         raise ValueError(
-            f"`probs` must be non-negative; found {values.min()}. Pass softmax probabilities, not logits."
+            f"probs must be non-negative (softmax probabilities, not logits); got a minimum of {values.min()}"
         )
     sums = values.sum(axis=1)
     bad = np.flatnonzero(np.abs(sums - 1.0) > atol)
     if bad.size:
         raise ValueError(
-            f"every row of `probs` must sum to 1 (within {atol}); row {bad[0]} sums to {sums[bad[0]]}. "
-            "Pass softmax probabilities, not logits."
+            f"every row of probs must sum to 1 (within {atol}: softmax probabilities, not logits); "
+            f"got {sums[bad[0]]} for row {bad[0]}"
         )
     return values
 
@@ -89,9 +74,9 @@ def random_selection(num_examples: int, budget: int, key: jax.Array, *, existing
 
     Deterministic given ``key``.
     """
-    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) or num_examples < 1:
-        raise ValueError(f"`num_examples` must be a positive int; got {num_examples!r}.")
-    taken = _existing_mask(int(num_examples), existing)
+    num_examples = check_int(num_examples, "num_examples")
+    check_key(key)
+    taken = _existing_mask(num_examples, existing)
     candidates = np.flatnonzero(~taken)
     budget = _check_budget(budget, candidates.size)
     order = np.asarray(jax.random.choice(key, candidates.size, shape=(budget,), replace=False))
@@ -265,11 +250,10 @@ def craig_selection(
     """
     values = np.asarray(features)
     if values.ndim != 2 or values.shape[0] < 1:
-        raise ValueError(f"`features` must have shape (N, D) with N >= 1; got shape {values.shape}.")
+        raise ValueError(f"features must have shape (N, D) with N >= 1; got shape {values.shape}")
     if not np.issubdtype(values.dtype, np.floating):
-        raise TypeError(f"`features` must be floating point; got dtype {values.dtype}.")
-    if not np.all(np.isfinite(values)):
-        raise ValueError("`features` contains NaN or inf values.")
+        raise TypeError(f"features must be floating point; got dtype {values.dtype}")
+    check_finite_array(values, "features")
     n = values.shape[0]
     taken = _existing_mask(n, existing)
     budget = _check_budget(budget, int((~taken).sum()))
@@ -278,13 +262,14 @@ def craig_selection(
     else:
         labels = np.asarray(classes)
         if labels.shape != (n,):
-            raise ValueError(f"`classes` must have shape (N,) = ({n},); got shape {labels.shape}.")
+            raise ValueError(f"classes must have shape (N,) = ({n},); got shape {labels.shape}")
         if not np.issubdtype(labels.dtype, np.integer):
-            raise TypeError(f"`classes` must be integer predicted labels; got dtype {labels.dtype}.")
-    if not (isinstance(block_size, (int, np.integer)) and block_size >= 1):
-        raise ValueError(f"`block_size` must be a positive int; got {block_size!r}.")
+            raise TypeError(f"classes must be integer predicted labels; got dtype {labels.dtype}")
+    block_size = check_int(block_size, "block_size")
     if not 0.0 < epsilon < 1.0:
-        raise ValueError(f"`epsilon` must lie in (0, 1); got {epsilon}.")
+        raise ValueError(f"epsilon must lie in (0, 1); got {epsilon}")
+    if key is not None:
+        check_key(key)
 
     class_ids = np.unique(labels)
     sizes = np.array([int(((labels == c) & ~taken).sum()) for c in class_ids])
@@ -300,7 +285,7 @@ def craig_selection(
         num_candidates = None
         if use_stochastic:
             if key is None:
-                raise ValueError("`key` is required for stochastic greedy (large classes or stochastic=True).")
+                raise ValueError("key is required for stochastic greedy (large classes or stochastic=True)")
             num_candidates = min(int(size), math.ceil(size / k * math.log(1.0 / epsilon)))
         radius = jnp.max(jnp.linalg.norm(feats - feats[0], axis=1))
         ceiling = 2.0 * radius + 1.0

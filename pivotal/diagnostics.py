@@ -17,17 +17,19 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pivotal.kmeans import DEFAULT_BLOCK_SIZE, _as_features, _blocked_rows, _check_block_size, assign_clusters
+from pivotal._checks import as_features, check_int
+from pivotal._rows import blocked_rows
+from pivotal.kmeans import DEFAULT_BLOCK_SIZE, assign_clusters
 
 __all__ = ["msso_objective", "mco_objective", "theorem1_ratio", "stable_examples"]
 
 
 def _pair(features, others, others_name: str):
-    G = _as_features(features, "features")
-    C = _as_features(others, others_name)
+    G = as_features(features, "features")
+    C = as_features(others, others_name)
     if C.shape[1] != G.shape[1]:
         raise ValueError(
-            f"{others_name} must have as many columns as features ({G.shape[1]}), got shape {tuple(C.shape)}"
+            f"{others_name} must have as many columns as features ({G.shape[1]}); got shape {tuple(C.shape)}"
         )
     dtype = jnp.result_type(G.dtype, C.dtype)
     return G.astype(dtype), C.astype(dtype)
@@ -65,7 +67,7 @@ def _terms(G, C, block_size):
         neg = -jnp.sum(jnp.where(dots < 0, dots, 0), axis=1)
         return pos + neg, pos, neg
 
-    return _blocked_rows(fn, G, (), block_size)
+    return blocked_rows(fn, G, (), block_size)
 
 
 @functools.partial(jax.jit, static_argnames="block_size")
@@ -89,7 +91,7 @@ def mco_objective(features, centroids, *, block_size: int = DEFAULT_BLOCK_SIZE) 
       A scalar.
     """
     G, C = _pair(features, centroids, "centroids")
-    return _mco(G, C, _check_block_size(block_size))
+    return _mco(G, C, check_int(block_size, "block_size"))
 
 
 @functools.partial(jax.jit, static_argnames="block_size")
@@ -120,13 +122,13 @@ def theorem1_ratio(features, centroids, *, block_size: int = DEFAULT_BLOCK_SIZE)
       ``(N,)`` ratios, each ``>= 1`` or ``inf``.
     """
     G, C = _pair(features, centroids, "centroids")
-    return _ratio(G, C, _check_block_size(block_size))
+    return _ratio(G, C, check_int(block_size, "block_size"))
 
 
 def _check_same_rows(reference, other, reference_name: str, other_name: str) -> None:
     if other.shape[0] != reference.shape[0]:
         raise ValueError(f"{other_name} must have one row per row of {reference_name} "
-                         f"({reference.shape[0]}), got {other.shape[0]}")
+                         f"({reference.shape[0]}); got {other.shape[0]}")
 
 
 def stable_examples(
@@ -166,15 +168,15 @@ def stable_examples(
     Returns:
       ``(N,)`` boolean mask; ``mask.sum()`` is the count the paper's Table 5 reports.
     """
-    free = _as_features(label_free_features, "label_free_features")
-    aware = _as_features(label_aware_features, "label_aware_features")
+    free = as_features(label_free_features, "label_free_features")
+    aware = as_features(label_aware_features, "label_aware_features")
     _check_same_rows(free, aware, "label_free_features", "label_aware_features")
-    c_free = _as_features(label_free_centroids, "label_free_centroids")
-    c_aware = _as_features(label_aware_centroids, "label_aware_centroids")
+    c_free = as_features(label_free_centroids, "label_free_centroids")
+    c_aware = as_features(label_aware_centroids, "label_aware_centroids")
     _check_same_rows(c_free, c_aware, "label_free_centroids", "label_aware_centroids")
     for name, feats, cents in (("label_free_centroids", free, c_free), ("label_aware_centroids", aware, c_aware)):
         if cents.shape[1] != feats.shape[1]:
-            raise ValueError(f"{name} must have {feats.shape[1]} columns like its features, got shape "
+            raise ValueError(f"{name} must have {feats.shape[1]} columns like its features; got shape "
                              f"{tuple(cents.shape)}")
     a_free, _ = assign_clusters(free, c_free, weighted=True, block_size=block_size)
     a_aware, _ = assign_clusters(aware, c_aware, weighted=True, block_size=block_size)

@@ -20,6 +20,9 @@ Zero rows (``||G_j|| = 0``) carry no weight anywhere: they add nothing to any ce
 as members when deciding whether a cluster is empty, and add 0 to the objective. Their assignment is
 the argmax of an all-zero row, i.e. cluster 0.
 
+The Lloyd iterations are in :mod:`pivotal.lloyd`; this module holds the k-means++ seeding, the
+empty-cluster restarts and the user-facing functions.
+
 Memory: every pass over the data walks row blocks of ``block_size`` rows, so besides the data and a
 few length-N vectors only O(block_size x M + M x D) is live; no N x M x D (or N x M) array is built.
 """
@@ -28,20 +31,25 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pivotal.sharding import (
-    example_placement,
-    num_shards,
-    pad_examples,
-    per_shard,
-    place_examples,
-    replicate,
+from pivotal._checks import as_features, check_int, check_key, check_real, value_range
+from pivotal._placement import example_placement, num_shards, pad_examples, per_shard, place_examples, replicate
+from pivotal._rows import blocked_rows
+from pivotal._rows import row_norms as _row_norms
+from pivotal.lloyd import (  # lloyd_pass and cluster_mass: also importable from here, as before
+    assign_block,
+    blocked_cluster_sums,
+    cluster_mass,
+    lloyd_loop,
+    lloyd_pass,
+    member_weights,
+    search_directions,
+    sparse_tier_sizes,
 )
 
 __all__ = [
@@ -51,7 +59,6 @@ __all__ = [
     "cluster_centroids",
     "DEFAULT_BLOCK_SIZE",
 ]
-
 DEFAULT_BLOCK_SIZE = 2048
 # k-means++ seeding reads its input once per seed; drawing from a uniform subsample of this many rows
 # per cluster (at least _SEED_MIN_POINTS) keeps it a small fraction of the Lloyd iterations.
@@ -77,40 +84,13 @@ class KMeansResult(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation
+# Exact rescaling of extreme features
 # ----------------------------------------------------------------------------------------------
 
 
-def _is_tracer(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
-
-
-def _as_features(G, name: str, *, check_finite: bool = True) -> jax.Array:
-    """Checks that ``G`` is a 2-D floating array of finite values and returns it as a jax array."""
-    if not hasattr(G, "shape") or not hasattr(G, "dtype"):
-        try:
-            G = np.asarray(G)
-        except Exception as exc:  # pragma: no cover - exotic inputs
-            raise TypeError(f"{name} must be an array, got {type(G).__name__}") from exc
-    if G.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array (N, D), got shape {tuple(G.shape)}")
-    if not jnp.issubdtype(G.dtype, jnp.floating):
-        raise TypeError(f"{name} must have a floating dtype, got {G.dtype}")
-    if G.shape[0] < 1 or G.shape[1] < 1:
-        raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(G.shape)}")
-    G = jnp.asarray(G)
-    if check_finite and not _is_tracer(G) and not bool(_all_finite(G)):
-        raise ValueError(f"{name} contains NaN or inf values")
-    return G
-
-
-# Written as max |x| because XLA:CPU fuses abs into a max-reduction but materialises the
-# (N, D) boolean of all(isfinite(x)) / any(x != 0) (measured: 20 MiB at 80k x 256). NaN and
-# inf propagate through the max, so the tests are exact.
-_all_finite = jax.jit(lambda x: jnp.isfinite(jnp.max(jnp.abs(x))))
+# max |x| rather than any(x != 0): XLA:CPU fuses abs into a max-reduction but materialises the
+# (N, D) boolean (see pivotal._checks.check_finite_array).
 _any_nonzero = jax.jit(lambda x: jnp.max(jnp.abs(x)) > 0)
-
-
 _max_abs = jax.jit(lambda x: jnp.max(jnp.abs(x)))
 _nonzero_rows = jax.jit(lambda x: jnp.sum(jnp.max(jnp.abs(x), axis=1) > 0))
 # Headroom, in powers of two, below the largest float exponent for the sums of squares (norms,
@@ -135,7 +115,7 @@ def _rescale_exponent(max_abs: float, size: int, dtype) -> int:
     return exponent if (too_big or too_small) else 0
 
 
-def _scale_pow2(x: jax.Array, exponent: int) -> jax.Array:
+def scale_pow2(x: jax.Array, exponent: int) -> jax.Array:
     """``x * 2**exponent``, exact (no rounding) while the results stay normal numbers."""
     while exponent:
         step = max(-100, min(100, exponent))  # 2**step is representable in float32
@@ -144,8 +124,8 @@ def _scale_pow2(x: jax.Array, exponent: int) -> jax.Array:
     return x
 
 
-def _as_scaled_features(G, name: str) -> tuple[jax.Array, int]:
-    """:func:`_as_features`, then rows rescaled by a common power of two when their magnitude
+def as_scaled_features(G, name: str) -> tuple[jax.Array, int]:
+    """:func:`pivotal._checks.as_features`, then rows rescaled by a common power of two when their magnitude
     would overflow (or underflow) the squared norms: returns ``(G * 2**-e, e)``.
 
     Spherical K-means and the selection depend on the rows only up to one common positive
@@ -156,8 +136,8 @@ def _as_scaled_features(G, name: str) -> tuple[jax.Array, int]:
     ``ValueError`` naming ``name`` when the rows span so many orders of magnitude that some
     nonzero row would vanish after the rescaling. A traced ``G`` is returned as is (``e = 0``).
     """
-    G = _as_features(G, name, check_finite=False)
-    if _is_tracer(G):
+    G = as_features(G, name, finite=False)
+    if isinstance(G, jax.core.Tracer):
         return G, 0
     max_abs = float(_max_abs(G))
     if not math.isfinite(max_abs):
@@ -165,7 +145,7 @@ def _as_scaled_features(G, name: str) -> tuple[jax.Array, int]:
     exponent = _rescale_exponent(max_abs, G.shape[0] * G.shape[1], G.dtype)
     if not exponent:
         return G, 0
-    scaled = _scale_pow2(G, -exponent)
+    scaled = scale_pow2(G, -exponent)
     before, after = int(_nonzero_rows(G)), int(jnp.sum(_row_norms(scaled) > 0))
     if after < before:
         raise ValueError(
@@ -176,119 +156,6 @@ def _as_scaled_features(G, name: str) -> tuple[jax.Array, int]:
     return scaled, exponent
 
 
-def _as_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return int(value)
-
-
-def _check_key(key) -> None:
-    dtype = getattr(key, "dtype", None)
-    if dtype is None:
-        raise TypeError(f"key must be a jax.random key, got {type(key).__name__}")
-    shape = getattr(key, "shape", None)
-    typed = jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()
-    raw = dtype == jnp.uint32 and shape == (2,)
-    if not (typed or raw):
-        raise TypeError(f"key must be a single jax.random key (jax.random.key or PRNGKey), got {dtype} "
-                        f"with shape {shape}")
-
-
-def _check_block_size(block_size) -> int:
-    block_size = _as_int(block_size, "block_size")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    return block_size
-
-
-# ----------------------------------------------------------------------------------------------
-# Blocked row passes
-# ----------------------------------------------------------------------------------------------
-
-
-def _num_blocks(n: int, block: int) -> int:
-    return -(-n // block)
-
-
-def _block_start(b, n: int, block: int):
-    # The last block is shifted back so that every block has exactly `block` rows (static shape,
-    # no padded copy of the data); rows it shares with the previous block are recomputed.
-    return jnp.minimum(b * block, n - block)
-
-
-def _blocked_rows(fn: Callable, G: jax.Array, row_args: tuple, block: int):
-    """Applies ``fn(G_b, *row_args_b) -> pytree of (B, ...)`` to row blocks, returns ``(N, ...)``.
-
-    ``row_args`` are arrays with leading axis N, sliced alongside ``G``. Overlapping rows of the last
-    block are written twice with identical values, so ``fn`` must be row-wise.
-    """
-    n = G.shape[0]
-    block = min(block, n)
-    out_struct = jax.eval_shape(
-        fn,
-        jax.ShapeDtypeStruct((block,) + G.shape[1:], G.dtype),
-        *[jax.ShapeDtypeStruct((block,) + a.shape[1:], a.dtype) for a in row_args],
-    )
-    init = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype), out_struct)
-
-    def body(b, out):
-        start = _block_start(b, n, block)
-        Gb = jax.lax.dynamic_slice_in_dim(G, start, block)
-        args_b = [jax.lax.dynamic_slice_in_dim(a, start, block) for a in row_args]
-        res = fn(Gb, *args_b)
-        return jax.tree.map(lambda o, r: jax.lax.dynamic_update_slice_in_dim(o, r, start, 0), out, res)
-
-    return jax.lax.fori_loop(0, _num_blocks(n, block), body, init)
-
-
-def _blocked_cluster_sums(G: jax.Array, assignments: jax.Array, scale: jax.Array, num_clusters: int,
-                          block: int) -> jax.Array:
-    """``(M, D)`` sums ``S_i = sum_{j: a_j = i} scale_j G_j``, one ``(M, B) x (B, D)`` product per block.
-
-    The one-hot weights are built per block, so nothing of size N x M is materialised.
-    """
-    n = G.shape[0]
-    block = min(block, n)
-
-    def body(b, acc):
-        start = _block_start(b, n, block)
-        Gb = jax.lax.dynamic_slice_in_dim(G, start, block)
-        ab = jax.lax.dynamic_slice_in_dim(assignments, start, block)
-        sb = jax.lax.dynamic_slice_in_dim(scale, start, block)
-        # Rows already covered by the previous block must not be counted twice.
-        fresh = (start + jnp.arange(block)) >= b * block
-        W = jax.nn.one_hot(ab, num_clusters, dtype=G.dtype) * jnp.where(fresh, sb, 0)[:, None]
-        return acc + W.T @ Gb
-
-    init = jnp.zeros((num_clusters, G.shape[1]), G.dtype)
-    return jax.lax.fori_loop(0, _num_blocks(n, block), body, init)
-
-
-@jax.jit
-def _row_norms(G: jax.Array) -> jax.Array:
-    return jnp.sqrt(jnp.sum(jnp.square(G), axis=1))
-
-
-def _search_directions(C: jax.Array, weighted: bool) -> jax.Array:
-    """Directions whose |inner product| with G_j is maximised by the assignment step, ``(M, D)``.
-
-    S1 is ``||C_i|| |cos(G_j, C_i)| = |<G_j, C_i>| / ||G_j||``; ``||G_j||`` does not depend on i,
-    so the weighted argmax is that of ``|<G_j, C_i>|``. Unweighted, the centroids are normalised
-    first (a zero centroid stays zero and never wins).
-    """
-    if weighted:
-        return C
-    norms = _row_norms(C)
-    return C / jnp.where(norms > 0, norms, 1)[:, None]
-
-
-def _assign_block(Gb, directions):
-    """Assignment of one block: ``(a (B,) int32, d (B,) = <G_j, dir_{a_j}>)``."""
-    dots = Gb @ directions.T  # (B, M)
-    a = jnp.argmax(jnp.abs(dots), axis=1).astype(jnp.int32)
-    d = jnp.take_along_axis(dots, a[:, None], axis=1)[:, 0]
-    return a, d
-
 
 # ----------------------------------------------------------------------------------------------
 # Public helpers
@@ -298,15 +165,15 @@ def _assign_block(Gb, directions):
 @functools.partial(jax.jit, static_argnames=("weighted", "block_size", "placement"))
 def _assign_clusters(G, centroids, *, weighted, block_size, placement=None):
     def local(G, centroids):
-        directions = _search_directions(centroids, weighted)
+        directions = search_directions(centroids, weighted)
 
         def fn(Gb, nb):
-            a, d = _assign_block(Gb, directions)
+            a, d = assign_block(Gb, directions)
             # |<G_j, dir_i>| / ||G_j|| is S1 for dir = C (weighted) and |cos| for dir = C / ||C||;
             # zero rows have similarity 0.
             return a, jnp.abs(d) / jnp.where(nb > 0, nb, 1)
 
-        return _blocked_rows(fn, G, (_row_norms(G),), block_size)
+        return blocked_rows(fn, G, (_row_norms(G),), block_size)
 
     return per_shard(local, placement, (True, False), (True, True))(G, centroids)
 
@@ -328,25 +195,17 @@ def assign_clusters(G, centroids, *, weighted: bool = True, block_size: int = DE
       (lowest index on ties) and ``similarity[j] = max_i sim_ji``. Zero rows get cluster 0 and
       similarity 0; zero centroids have similarity 0 to everything.
     """
-    G = _as_features(G, "G")
-    centroids = _as_features(centroids, "centroids")
+    G = as_features(G, "G")
+    centroids = as_features(centroids, "centroids")
     if centroids.shape[1] != G.shape[1]:
         raise ValueError(
-            f"centroids must have the same number of columns as G ({G.shape[1]}), "
+            f"centroids must have the same number of columns as G ({G.shape[1]}); "
             f"got shape {tuple(centroids.shape)}"
         )
-    block_size = _check_block_size(block_size)
+    block_size = check_int(block_size, "block_size")
     dtype = jnp.result_type(G.dtype, centroids.dtype)
     return _assign_clusters(G.astype(dtype), centroids.astype(dtype), weighted=bool(weighted),
                             block_size=block_size, placement=example_placement(G))
-
-
-def _member_weights(norms, signs, weighted: bool):
-    """Per-row ``(scale (N,), mass (N,))``: row j adds ``scale_j G_j`` and ``mass_j`` to its cluster."""
-    nonzero = norms > 0
-    if weighted:
-        return jnp.where(nonzero, signs, 0), norms
-    return jnp.where(nonzero, signs / jnp.where(nonzero, norms, 1), 0), nonzero.astype(norms.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("num_clusters", "weighted", "block_size", "placement"))
@@ -360,9 +219,9 @@ def _cluster_centroids(G, assignments, reference, *, num_clusters, weighted, blo
                 d = jnp.sum(Gb * reference[ab], axis=1)
                 return jnp.where(d < 0, -1, 1).astype(G.dtype)
 
-            signs = _blocked_rows(fn, G, (assignments,), block_size)
-        scale, mass = _member_weights(norms, signs, weighted)
-        sums = (_blocked_cluster_sums(G, assignments, scale, num_clusters, block_size),
+            signs = blocked_rows(fn, G, (assignments,), block_size)
+        scale, mass = member_weights(norms, signs, weighted)
+        sums = (blocked_cluster_sums(G, assignments, scale, num_clusters, block_size),
                 jax.ops.segment_sum(mass, assignments, num_clusters))
         return sums if placement is None else jax.lax.psum(sums, placement[1])
 
@@ -393,19 +252,17 @@ def cluster_centroids(G, assignments, num_clusters: int, *, reference=None, weig
     Returns:
       ``(M, D)`` centroids.
     """
-    G = _as_features(G, "G")
-    num_clusters = _as_int(num_clusters, "num_clusters")
-    if num_clusters < 1:
-        raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
+    G = as_features(G, "G")
+    num_clusters = check_int(num_clusters, "num_clusters")
     assignments = _as_assignments(assignments, G.shape[0], num_clusters)
     if reference is not None:
-        reference = _as_features(reference, "reference")
+        reference = as_features(reference, "reference")
         if reference.shape != (num_clusters, G.shape[1]):
             raise ValueError(
-                f"reference must have shape ({num_clusters}, {G.shape[1]}), got {tuple(reference.shape)}"
+                f"reference must have shape ({num_clusters}, {G.shape[1]}); got {tuple(reference.shape)}"
             )
         reference = reference.astype(G.dtype)
-    block_size = _check_block_size(block_size)
+    block_size = check_int(block_size, "block_size")
     placement = example_placement(G)
     if placement is not None:
         assignments = place_examples(assignments, placement)
@@ -417,14 +274,13 @@ def _as_assignments(assignments, n: int, num_clusters: int) -> jax.Array:
     if not hasattr(assignments, "dtype"):
         assignments = np.asarray(assignments)
     if assignments.shape != (n,):
-        raise ValueError(f"assignments must have shape ({n},), got {tuple(assignments.shape)}")
+        raise ValueError(f"assignments must have shape ({n},); got {tuple(assignments.shape)}")
     if not jnp.issubdtype(assignments.dtype, jnp.integer):
-        raise TypeError(f"assignments must have an integer dtype, got {assignments.dtype}")
+        raise TypeError(f"assignments must have an integer dtype; got {assignments.dtype}")
     assignments = jnp.asarray(assignments, jnp.int32)
-    if not _is_tracer(assignments):
-        lo, hi = int(assignments.min()), int(assignments.max())
-        if lo < 0 or hi >= num_clusters:
-            raise ValueError(f"assignments must lie in [0, {num_clusters}), got values in [{lo}, {hi}]")
+    bounds = value_range(assignments)
+    if bounds is not None and (bounds[0] < 0 or bounds[1] >= num_clusters):
+        raise ValueError(f"assignments must lie in [0, {num_clusters}); got values in [{bounds[0]}, {bounds[1]}]")
     return assignments
 
 
@@ -504,200 +360,8 @@ def seed_centroids(G, norms, key, num_seeds, *, capacity: int, weighted: bool, s
 
 
 # ----------------------------------------------------------------------------------------------
-# Lloyd iterations
+# One run, and the restarts
 # ----------------------------------------------------------------------------------------------
-
-
-def lloyd_pass(G, norms, C, *, weighted: bool, block: int, with_sums: bool = True):
-    """One blocked pass of a Lloyd step over the rows of ``G`` under centroids ``C``.
-
-    The assignment (S1, or |cos| when ``weighted=False``) of every row and, with ``with_sums``,
-    the S2 numerator of those assignments, built in the same pass (one ``(M, B) x (B, D)``
-    product per block of ``block`` rows), so the data is read once. Used by every Lloyd loop of
-    the library: on all rows, per shard inside ``shard_map`` (the sums are then partial and
-    all-reduced by the caller) and per host block by :func:`pivotal.outofcore.kmeans_memmap`.
-
-    Args:
-      G: ``(n, D)`` rows; norms: ``(n,)`` their norms; C: ``(M, D)`` centroids.
-
-    Returns:
-      ``(assignments (n,) int32, signs (n,) = sign <G_j, C_{a_j}> (+1 on 0), objective, num)``
-      with ``objective = sum_j |<G_j, C_{a_j}>|`` and ``num (M, D) = sum_{j in i} scale_j G_j``
-      (zeros without ``with_sums``); ``scale_j`` as in :func:`_member_weights`.
-    """
-    n, dim = G.shape
-    m = C.shape[0]
-    dtype = G.dtype
-    block = min(block, n)
-    directions = _search_directions(C, weighted)
-    # |<G_j, C_i>| = |<G_j, C_i / ||C_i||>| ||C_i|| when the search directions are normalised.
-    obj_scale = jnp.ones((m,), dtype) if weighted else _row_norms(C)
-
-    def body(b, carry):
-        a_all, s_all, obj, num = carry
-        start = _block_start(b, n, block)
-        Gb = jax.lax.dynamic_slice_in_dim(G, start, block)
-        a, d = _assign_block(Gb, directions)
-        s = jnp.where(d < 0, -1, 1).astype(dtype)
-        # Rows already covered by the previous block must not be counted twice.
-        fresh = (start + jnp.arange(block)) >= b * block
-        obj = obj + jnp.sum(jnp.where(fresh, jnp.abs(d) * obj_scale[a], 0))
-        if with_sums:
-            scale, _ = _member_weights(jax.lax.dynamic_slice_in_dim(norms, start, block), s, weighted)
-            W = jax.nn.one_hot(a, m, dtype=dtype) * jnp.where(fresh, scale, 0)[:, None]
-            num = num + W.T @ Gb
-        a_all = jax.lax.dynamic_update_slice_in_dim(a_all, a, start, 0)
-        s_all = jax.lax.dynamic_update_slice_in_dim(s_all, s, start, 0)
-        return a_all, s_all, obj, num
-
-    init = (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), dtype), jnp.zeros((), dtype),
-            jnp.zeros((m, dim), dtype))
-    return jax.lax.fori_loop(0, _num_blocks(n, block), body, init)
-
-
-def cluster_mass(norms, assignments, signs, num_clusters: int, *, weighted: bool):
-    """``(den (M,), count (M,) int32)``: the S2 denominators and nonzero member counts."""
-    _, mass = _member_weights(norms, signs, weighted)
-    nonzero = (norms > 0).astype(jnp.int32)
-    return (jax.ops.segment_sum(mass, assignments, num_clusters),
-            jax.ops.segment_sum(nonzero, assignments, num_clusters))
-
-
-class _LoopState(NamedTuple):
-    centroids: jax.Array  # (M, D) centroids used by the latest assignment
-    num: jax.Array  # (M, D) sum_{j in i} scale_j G_j for (assign, signs), over this shard's rows
-    den: jax.Array  # (M,) sum_{j in i} mass_j, this shard's rows
-    count: jax.Array  # (M,) int32 nonzero members among this shard's rows
-    assign: jax.Array  # (n,) int32, -1 before the first step
-    signs: jax.Array  # (n,)
-    num_changed: jax.Array  # this shard's rows whose (cluster, sign) changed in the latest step
-    objective: jax.Array  # over all rows
-    it: jax.Array
-    done: jax.Array
-
-
-def _sparse_tiers(n: int, block: int) -> tuple[int, ...]:
-    """Static sizes of the changed-row buffers of the incremental update (smallest that fits wins).
-
-    Capped at two blocks so the gathered rows never cost more memory than the blocked passes.
-    """
-    cap = max(1, 2 * min(block, n))
-    # Small problems get one tier: the saving is negligible there, the compile time is not.
-    divisors = (256, 32, 8) if n >= 16384 else (8,)
-    return tuple(sorted({min(cap, max(1, n // k)) for k in divisors}))
-
-
-def _lloyd(G, norms, seeds, max_iters, tol, *, weighted, block_size, sparse_tiers, axis=None):
-    """Lloyd steps of Algorithm 1 from ``seeds`` until no row moves, the objective stalls or
-    ``max_iters``; returns ``(centroids, assignments, objective, iters, member_counts)``.
-
-    ``G (n, D)`` and ``norms (n,)`` are all the rows or, inside ``jax.shard_map`` with ``axis``
-    the mesh axis of the rows, this shard's rows. The S2 sums of the local rows are kept between
-    steps; each step all-reduces (``psum`` over ``axis``; nothing without it) only the ``(M, D)``
-    numerators, ``(M,)`` denominators and member counts, the objective and the count of moved
-    rows, so every shard computes the same centroids and stops at the same step.
-
-    Each step is one blocked pass computing ``G_b C^T`` and the assignments (:func:`lloyd_pass`).
-    The local sums are then updated from the rows whose (cluster, sign) changed: a gather of
-    those rows and an ``(M, K) x (K, D)`` product. While many rows still move (the first few
-    steps) the sums are instead rebuilt inside the same pass, one ``(M, B) x (B, D)`` product per
-    block, so the data is read once per step either way.
-    """
-    n, dim = G.shape
-    m = seeds.shape[0]
-    dtype = G.dtype
-    block = min(block_size, n)
-    nonzero = norms > 0
-    total = (lambda x: x) if axis is None else functools.partial(jax.lax.psum, axis_name=axis)
-    # Above this many moved rows, rebuilding the sums is cheaper than patching them.
-    rebuild_above = sparse_tiers[-1]
-
-    def make_patch(size):
-        def patch(a, s, a_old, s_old, num, den, count):
-            # Only rows whose (cluster, sign) changed move mass: subtract their old contribution
-            # and add the new one.
-            changed = (a != a_old) | (s != s_old)
-            # Compact the changed rows' indices into `size` slots (a cumsum and a scatter; cheaper
-            # to compile than jnp.nonzero). Unused slots point at row 0 and are masked by `valid`.
-            slot = jnp.where(changed, jnp.cumsum(changed) - 1, size)
-            idx = jnp.zeros((size,), jnp.int32).at[slot].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
-            valid = (jnp.arange(size) < jnp.sum(changed)).astype(dtype)
-            scale_new, mass = _member_weights(norms[idx], s[idx], weighted)
-            scale_old, _ = _member_weights(norms[idx], s_old[idx], weighted)
-            # one_hot(-1) is all zeros: rows never assigned before remove nothing.
-            oh_new = jax.nn.one_hot(a[idx], m, dtype=dtype) * valid[:, None]
-            oh_old = jax.nn.one_hot(a_old[idx], m, dtype=dtype) * valid[:, None]
-            W = oh_new * scale_new[:, None] - oh_old * scale_old[:, None]
-            num = num + W.T @ G[idx]
-            den = den + (oh_new - oh_old).T @ mass
-            count = count + jnp.round((oh_new - oh_old).T @ nonzero[idx].astype(dtype)).astype(jnp.int32)
-            # Clear the float residue of clusters that just emptied, so they read as exactly empty.
-            num = jnp.where((count > 0)[:, None], num, 0)
-            den = jnp.where(count > 0, den, 0)
-            return num, den, count
-
-        return patch
-
-    def rebuild_sums(a, s, a_old, s_old, num, den, count):
-        del a_old, s_old, num, den, count
-        scale, _ = _member_weights(norms, s, weighted)
-        return (_blocked_cluster_sums(G, a, scale, m, block),) + cluster_mass(norms, a, s, m, weighted=weighted)
-
-    def keep_sums(a, s, a_old, s_old, num, den, count):
-        del a, s, a_old, s_old
-        return num, den, count
-
-    patches = tuple(make_patch(c) for c in sparse_tiers)
-
-    def rebuild_step(st: _LoopState, C):
-        a, s, obj, num = lloyd_pass(G, norms, C, weighted=weighted, block=block)
-        return (a, s, obj, num) + cluster_mass(norms, a, s, m, weighted=weighted)
-
-    def patch_step(st: _LoopState, C):
-        a, s, obj, _ = lloyd_pass(G, norms, C, weighted=weighted, block=block, with_sums=False)
-        num_changed = jnp.sum((a != st.assign) | (s != st.signs), dtype=jnp.int32)
-        tier = jnp.searchsorted(jnp.asarray(sparse_tiers, jnp.int32), num_changed).astype(jnp.int32)
-        # Branch 0 keeps the sums (nothing moved), then the tiers, then a full rebuild.
-        branch = jnp.where(num_changed == 0, 0, 1 + tier).astype(jnp.int32)
-        num, den, count = jax.lax.switch(
-            branch, (keep_sums,) + patches + (rebuild_sums,), a, s, st.assign, st.signs, st.num,
-            st.den, st.count
-        )
-        return a, s, obj, num, den, count
-
-    def cond(st: _LoopState):
-        return (st.it < max_iters) & ~st.done
-
-    def body(st: _LoopState):
-        num, den, count = total((st.num, st.den, st.count))
-        # Empty clusters keep their previous centroid (they may win members back later).
-        C = jnp.where((count > 0)[:, None], num / jnp.where(den > 0, den, 1)[:, None], st.centroids)
-        # Whether the sums are rebuilt in the pass is predicted from the previous step's movement
-        # (per shard: no collective runs inside the branches).
-        a, s, obj, num, den, count = jax.lax.cond(
-            st.num_changed > rebuild_above, rebuild_step, patch_step, st, C
-        )
-        obj, moved = total((obj, jnp.sum(a != st.assign, dtype=jnp.int32)))
-        stalled = jnp.abs(obj - st.objective) <= tol * jnp.abs(obj)
-        done = (moved == 0) | (stalled & (st.it > 0))
-        num_changed = jnp.sum((a != st.assign) | (s != st.signs), dtype=jnp.int32)
-        return _LoopState(C, num, den, count, a, s, num_changed, obj, st.it + 1, done)
-
-    init = _LoopState(
-        centroids=seeds,
-        num=jnp.zeros((m, dim), dtype),
-        den=jnp.zeros((m,), dtype),
-        count=jnp.zeros((m,), jnp.int32),
-        assign=jnp.full((n,), -1, jnp.int32),
-        signs=jnp.zeros((n,), dtype),
-        num_changed=jnp.asarray(n, jnp.int32),
-        objective=jnp.zeros((), dtype),
-        it=jnp.zeros((), jnp.int32),
-        done=jnp.zeros((), bool),
-    )
-    st = jax.lax.while_loop(cond, body, init)
-    members = total(jax.ops.segment_sum(nonzero.astype(jnp.int32), st.assign, m))
-    return st.centroids, st.assign, st.objective, st.it, members
 
 
 @functools.partial(
@@ -714,8 +378,8 @@ def _kmeans_single(G, key, num_clusters, max_iters, tol, init=None, *, capacity,
     the k-means++ seeds; ``num_rows`` is that of :func:`seed_centroids` (zero padding after it).
 
     ``placement = (mesh, axis)``: ``G`` is split over ``axis`` (``N`` divisible by its devices)
-    and the Lloyd loop runs per shard (:func:`_lloyd` under ``shard_map``; ``block_size`` and
-    ``sparse_tiers`` then refer to the rows of one shard). The seeding reads only its subsample
+    and the Lloyd loop runs per shard (:func:`pivotal.lloyd.lloyd_loop` under ``shard_map``;
+    ``block_size`` and ``sparse_tiers`` then refer to the rows of one shard). The seeding reads only its subsample
     and is partitioned by XLA. The assignments come back sharded, the rest replicated.
     """
     m = capacity
@@ -725,7 +389,7 @@ def _kmeans_single(G, key, num_clusters, max_iters, tol, init=None, *, capacity,
                                sample_size=seed_sample, num_rows=num_rows)
     else:
         seeds = jnp.where((jnp.arange(m) < num_clusters)[:, None], init.astype(G.dtype), 0)
-    lloyd = functools.partial(_lloyd, weighted=weighted, block_size=block_size, sparse_tiers=sparse_tiers,
+    lloyd = functools.partial(lloyd_loop, weighted=weighted, block_size=block_size, sparse_tiers=sparse_tiers,
                               axis=None if placement is None else placement[1])
     lloyd = per_shard(lloyd, placement, (True, True, False, False, False), (False, True, False, False, False))
     return lloyd(G, norms, seeds, max_iters, tol)
@@ -746,7 +410,7 @@ def _static_config(n: int, capacity: int, weighted: bool, block_size: int, seed_
     """
     rows = n if shard_rows is None else shard_rows
     return dict(capacity=capacity, weighted=bool(weighted), block_size=min(block_size, rows),
-                sparse_tiers=_sparse_tiers(rows, block_size),
+                sparse_tiers=sparse_tier_sizes(rows, block_size),
                 seed_sample=seed_sample(n, capacity, seed_sample_size))
 
 
@@ -758,6 +422,31 @@ def _kmeans_placement(G, mesh, mesh_axis):
     placement = (mesh, mesh_axis)
     num_shards(placement)  # validates the mesh and the axis
     return placement
+
+
+def restart_on_empty(run: Callable, key, num_clusters: int, init=None):
+    """The empty-cluster restarts of the paper's appendix: rerun with ``M - M_empty`` clusters until
+    no cluster is empty; returns ``(result, M)`` of the accepted run.
+
+    ``run(run_key, m, init) -> (result, members)`` is one K-means run with ``m`` clusters, where
+    ``members[i]`` counts the nonzero rows of cluster ``i``. Attempt ``a`` uses ``key`` itself
+    (``a = 0``), then ``fold_in(key, a)``; a warm start ``init`` keeps the initial centroids of
+    the clusters that were non-empty, in order.
+    """
+    m = num_clusters
+    attempt = 0
+    while True:
+        run_key = key if attempt == 0 else jax.random.fold_in(key, attempt)
+        result, members = run(run_key, m, init)
+        empty = np.asarray(members)[:m] == 0
+        if not empty.any():
+            return result, m
+        # Every nonzero row lands in some cluster, so m stays >= 1.
+        if init is not None:
+            kept = init[:m][~empty]
+            init = jnp.zeros_like(init).at[: kept.shape[0]].set(kept)
+        m -= int(empty.sum())
+        attempt += 1
 
 
 def weighted_spherical_kmeans(
@@ -826,33 +515,23 @@ def weighted_spherical_kmeans(
       ``centroids``.
     """
     # Extreme magnitudes are rescaled by a power of two (exact); the objective is scaled back.
-    G, exponent = _as_scaled_features(G, "G")
+    G, exponent = as_scaled_features(G, "G")
     n = G.shape[0]
-    num_clusters = _as_int(num_clusters, "num_clusters")
-    if not 1 <= num_clusters <= n:
-        raise ValueError(f"num_clusters must satisfy 1 <= num_clusters <= N = {n}, got {num_clusters}")
-    max_iters = _as_int(max_iters, "max_iters")
-    if max_iters < 1:
-        raise ValueError(f"max_iters must be >= 1, got {max_iters}")
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (tol >= 0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    block_size = _check_block_size(block_size)
-    if seed_sample_size is not None:
-        seed_sample_size = _as_int(seed_sample_size, "seed_sample_size")
-        if seed_sample_size < 1:
-            raise ValueError(f"seed_sample_size must be >= 1, got {seed_sample_size}")
-    _check_key(key)
+    num_clusters = check_int(num_clusters, "num_clusters")
+    if num_clusters > n:
+        raise ValueError(f"num_clusters must satisfy 1 <= num_clusters <= N = {n}; got {num_clusters}")
+    max_iters = check_int(max_iters, "max_iters")
+    check_real(tol, "tol", positive=False)
+    block_size = check_int(block_size, "block_size")
+    seed_sample_size = check_int(seed_sample_size, "seed_sample_size", allow_none=True)
+    check_key(key)
     if init is not None:
-        init = _as_features(init, "init")
+        init = as_features(init, "init")
         if init.shape != (num_clusters, G.shape[1]):
-            raise ValueError(f"init must have shape ({num_clusters}, {G.shape[1]}), got {tuple(init.shape)}")
+            raise ValueError(f"init must have shape ({num_clusters}, {G.shape[1]}); got {tuple(init.shape)}")
         init = init.astype(G.dtype)
-    if cluster_capacity is None:
-        capacity = num_clusters
-    else:
-        capacity = _as_int(cluster_capacity, "cluster_capacity")
-        if capacity < num_clusters:
-            raise ValueError(f"cluster_capacity must be >= num_clusters ({num_clusters}), got {capacity}")
+    capacity = (num_clusters if cluster_capacity is None
+                else check_int(cluster_capacity, "cluster_capacity", low=num_clusters))
     placement = _kmeans_placement(G, mesh, mesh_axis)
     if not bool(_any_nonzero(G)):
         raise ValueError("G must have at least one nonzero row")
@@ -867,28 +546,19 @@ def weighted_spherical_kmeans(
     padded = G.shape[0] != n
     if init is not None and capacity > num_clusters:
         init = jnp.concatenate([init, jnp.zeros((capacity - num_clusters, G.shape[1]), G.dtype)])
-    m = num_clusters
-    attempt = 0
-    while True:
-        run_key = key if attempt == 0 else jax.random.fold_in(key, attempt)
-        centroids, assignments, objective, iters, members = _kmeans_single(
+
+    def run(run_key, m, init):
+        *result, members = _kmeans_single(
             G, run_key, jnp.asarray(m, jnp.int32), jnp.asarray(max_iters, jnp.int32),
-            jnp.asarray(tol, G.dtype), init, num_rows=n if padded else None, placement=placement,
-            **static
+            jnp.asarray(tol, G.dtype), init, num_rows=n if padded else None, placement=placement, **static
         )
-        empty = np.asarray(members)[:m] == 0
-        if not empty.any():
-            if m < capacity:
-                centroids = centroids[:m]
-            if padded:
-                assignments = assignments[:n]
-            if exponent:
-                objective = _scale_pow2(objective, exponent)
-            return KMeansResult(centroids, assignments, objective, iters)
-        # Paper appendix: restart with M - M_empty clusters until none is empty. Every nonzero
-        # row lands in some cluster, so m stays >= 1.
-        if init is not None:
-            kept = init[:m][~empty]
-            init = jnp.zeros_like(init).at[: kept.shape[0]].set(kept)
-        m -= int(empty.sum())
-        attempt += 1
+        return result, members
+
+    (centroids, assignments, objective, iters), m = restart_on_empty(run, key, num_clusters, init)
+    if m < capacity:
+        centroids = centroids[:m]
+    if padded:
+        assignments = assignments[:n]
+    if exponent:
+        objective = scale_pow2(objective, exponent)
+    return KMeansResult(centroids, assignments, objective, iters)

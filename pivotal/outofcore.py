@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -25,14 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pivotal.kmeans import (
-    KMeansResult,
-    cluster_mass,
-    lloyd_pass,
-    seed_centroids,
-    seed_sample,
-)
-from pivotal.sharding import _check_int
+from pivotal._checks import check_finite_array, check_int, check_key, check_real, leading_size
+from pivotal.kmeans import KMeansResult, restart_on_empty, seed_centroids, seed_sample
+from pivotal.lloyd import cluster_mass, lloyd_pass
 
 __all__ = ["open_features_memmap", "write_features", "compute_features", "kmeans_memmap",
            "memmap_block_rows"]
@@ -47,19 +41,6 @@ def open_features_memmap(path: Union[str, os.PathLike], shape, dtype=np.float32,
         return np.lib.format.open_memmap(os.fspath(path), mode=mode, dtype=np.dtype(dtype),
                                          shape=tuple(int(s) for s in shape))
     return np.load(os.fspath(path), mmap_mode=mode)
-
-
-def _num_examples(batch: PyTree) -> int:
-    leaves = jax.tree_util.tree_leaves(batch)
-    if not leaves:
-        raise ValueError("batch must hold at least one array leaf")
-    sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
-    if None in sizes or len(sizes) != 1:
-        raise ValueError(f"every leaf of batch needs the same leading example axis, got {sorted(map(str, sizes))}")
-    n = sizes.pop()
-    if n < 1:
-        raise ValueError("batch is empty")
-    return n
 
 
 def _as_fns(feature_fn) -> list:
@@ -94,15 +75,15 @@ def write_features(feature_fn: Union[FeatureFn, Sequence[FeatureFn]], batch: PyT
       The ``(N, D)`` memmap (flushed).
     """
     fns = _as_fns(feature_fn)
-    chunk_size = _check_int(chunk_size, "chunk_size", 1)
-    n = _num_examples(batch)
+    chunk_size = check_int(chunk_size, "chunk_size")
+    n = leading_size(batch, "batch")
     chunk_size = min(chunk_size, n)
     first = _chunk(batch, 0, chunk_size, n)
     widths, dtypes = [], []
     for fn in fns:
         spec = jax.eval_shape(fn, first)
         if len(spec.shape) != 2 or spec.shape[0] != chunk_size:
-            raise ValueError(f"feature_fn must map a chunk of {chunk_size} examples to ({chunk_size}, D), "
+            raise ValueError(f"feature_fn must map a chunk of {chunk_size} examples to ({chunk_size}, D); "
                              f"got {spec.shape}")
         widths.append(spec.shape[1])
         dtypes.append(spec.dtype)
@@ -114,8 +95,7 @@ def write_features(feature_fn: Union[FeatureFn, Sequence[FeatureFn]], batch: PyT
         rows = min(chunk_size, n - start)
         for k, fn in enumerate(fns):
             block = np.asarray(fn(chunk))
-            if not np.all(np.isfinite(block[:rows])):
-                raise ValueError(f"feature_fn {k} produced NaN or inf features in rows {start}..{start + rows}")
+            check_finite_array(block[:rows], f"feature_fn {k}'s output in rows {start}..{start + rows}")
             mm[start:start + rows, offsets[k]:offsets[k + 1]] = block[:rows]
     mm.flush()
     return mm
@@ -126,8 +106,8 @@ def compute_features(feature_fn: Union[FeatureFn, Sequence[FeatureFn]], batch: P
     """The ``(N, D)`` features as a device array when they fit ``memory_budget_bytes`` (or no budget
     is given), else written with :func:`write_features` to ``path`` and returned as a memmap."""
     fns = _as_fns(feature_fn)
-    n = _num_examples(batch)
-    chunk_size = min(_check_int(chunk_size, "chunk_size", 1), n)
+    n = leading_size(batch, "batch")
+    chunk_size = min(check_int(chunk_size, "chunk_size"), n)
     first = _chunk(batch, 0, chunk_size, n)
     specs = [jax.eval_shape(fn, first) for fn in fns]
     width = sum(s.shape[1] for s in specs)
@@ -219,36 +199,65 @@ def kmeans_memmap(G, num_clusters: int, key, *, memory_budget_bytes: Optional[in
     Returns a :class:`pivotal.kmeans.KMeansResult` (``assignments`` a host ``int32`` array) equal
     to the in-memory result for the same key up to float summation order.
     """
-    if not (hasattr(G, "shape") and hasattr(G, "dtype")) or len(G.shape) != 2:
-        raise ValueError("G must be a 2-D array-like (N, D) such as an np.memmap")
-    if not np.issubdtype(np.dtype(G.dtype), np.floating):
-        raise TypeError(f"G must have a floating dtype, got {G.dtype}")
-    n, dim = (int(s) for s in G.shape)
-    if n < 1 or dim < 1:
-        raise ValueError(f"G must be non-empty, got shape {(n, dim)}")
-    num_clusters = _check_int(num_clusters, "num_clusters", 1)
+    n, dim = _check_memmap(G)
+    num_clusters = check_int(num_clusters, "num_clusters")
     if num_clusters > n:
-        raise ValueError(f"num_clusters must satisfy 1 <= num_clusters <= N = {n}, got {num_clusters}")
-    max_iters = _check_int(max_iters, "max_iters", 1)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not (0 <= tol < math.inf):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    capacity = num_clusters if cluster_capacity is None else _check_int(cluster_capacity, "cluster_capacity",
-                                                                        num_clusters)
+        raise ValueError(f"num_clusters must satisfy 1 <= num_clusters <= N = {n}; got {num_clusters}")
+    max_iters = check_int(max_iters, "max_iters")
+    check_real(tol, "tol", positive=False)
+    capacity = num_clusters if cluster_capacity is None else check_int(cluster_capacity, "cluster_capacity",
+                                                                       low=num_clusters)
+    check_key(key)
     dtype = jnp.dtype(G.dtype)
     if block_rows is None:
         if memory_budget_bytes is None:
             raise ValueError("pass memory_budget_bytes or block_rows")
         block_rows = memmap_block_rows(dim, capacity, dtype.itemsize, memory_budget_bytes)
-    rows = min(_check_int(block_rows, "block_rows", 1), n)
+    rows = min(check_int(block_rows, "block_rows"), n)
     if init is not None:
         init = jnp.asarray(init, dtype)
         if init.shape != (num_clusters, dim):
-            raise ValueError(f"init must have shape ({num_clusters}, {dim}), got {tuple(init.shape)}")
+            raise ValueError(f"init must have shape ({num_clusters}, {dim}); got {tuple(init.shape)}")
         if capacity > num_clusters:
             init = jnp.concatenate([init, jnp.zeros((capacity - num_clusters, dim), dtype)])
 
-    # Pass 0: row norms and input checks.
-    norms = np.zeros((n,), dtype)
+    norms = _memmap_norms(G, rows)
+    sample = seed_sample(n, capacity, seed_sample_size)
+    source = jnp.asarray(np.asarray(G[:])) if sample >= n else _RowReader(G)
+    norms_dev = jnp.asarray(norms)
+    tol_arr = jnp.asarray(tol, dtype)
+
+    def run(run_key, m, init):
+        if init is None:
+            seeds = seed_centroids(source, norms_dev, run_key, jnp.asarray(m, jnp.int32), capacity=capacity,
+                                   weighted=bool(weighted), sample_size=sample)
+        else:
+            seeds = jnp.where((jnp.arange(capacity) < m)[:, None], init, 0)
+        *result, count = _memmap_lloyd(G, norms, jnp.asarray(seeds, dtype), rows, max_iters, tol_arr,
+                                       bool(weighted))
+        return result, count
+
+    (centroids, assign, objective, it), m = restart_on_empty(run, key, num_clusters, init)
+    centroids = centroids[:m] if m < capacity else centroids
+    return KMeansResult(centroids, assign, objective, jnp.asarray(it, jnp.int32))
+
+
+def _check_memmap(G) -> tuple[int, int]:
+    """``(N, D)`` of a non-empty 2-D floating array-like."""
+    if not (hasattr(G, "shape") and hasattr(G, "dtype")) or len(G.shape) != 2:
+        raise ValueError(f"G must be a 2-D array-like (N, D) such as an np.memmap; got {type(G).__name__}")
+    if not np.issubdtype(np.dtype(G.dtype), np.floating):
+        raise TypeError(f"G must have a floating dtype; got {G.dtype}")
+    n, dim = (int(s) for s in G.shape)
+    if n < 1 or dim < 1:
+        raise ValueError(f"G must be non-empty; got shape {(n, dim)}")
+    return n, dim
+
+
+def _memmap_norms(G, rows: int) -> np.ndarray:
+    """Pass 0: the ``(N,)`` row norms on the host, checking every block for NaN/inf and that some
+    row is nonzero."""
+    norms = np.zeros((G.shape[0],), jnp.dtype(G.dtype))
     any_nonzero = False
     for start, stop, block in _blocks(G, rows):
         nb, finite, nonzero = _block_stats(jnp.asarray(block))
@@ -258,52 +267,38 @@ def kmeans_memmap(G, num_clusters: int, key, *, memory_budget_bytes: Optional[in
         norms[start:stop] = np.asarray(nb)[: stop - start]
     if not any_nonzero:
         raise ValueError("G must have at least one nonzero row")
+    return norms
 
-    sample = seed_sample(n, capacity, seed_sample_size)
-    source = jnp.asarray(np.asarray(G[:])) if sample >= n else _RowReader(G)
-    norms_dev = jnp.asarray(norms)
-    tol_arr = jnp.asarray(tol, dtype)
-    m = num_clusters
-    attempt = 0
-    while True:
-        run_key = key if attempt == 0 else jax.random.fold_in(key, attempt)
-        if init is None:
-            seeds = seed_centroids(source, norms_dev, run_key, jnp.asarray(m, jnp.int32), capacity=capacity,
-                                    weighted=bool(weighted), sample_size=sample)
-        else:
-            seeds = jnp.where((jnp.arange(capacity) < m)[:, None], init, 0)
-        C_prev = jnp.asarray(seeds, dtype)
+
+def _memmap_lloyd(G, norms, seeds, rows: int, max_iters: int, tol_arr, weighted: bool):
+    """One run of Algorithm 1 from ``seeds``, one host pass over the blocks per Lloyd step;
+    returns ``(centroids, assignments, objective, iters, member_counts)``."""
+    n, dim = G.shape
+    capacity, dtype = seeds.shape[0], jnp.dtype(G.dtype)
+    C_prev = seeds
+    num = jnp.zeros((capacity, dim), dtype)
+    den = jnp.zeros((capacity,), dtype)
+    count = jnp.zeros((capacity,), jnp.int32)
+    assign = np.full((n,), -1, np.int32)
+    objective = jnp.zeros((), dtype)
+    it = 0
+    done = False
+    while it < max_iters and not done:
+        C = jnp.where((count > 0)[:, None], num / jnp.where(den > 0, den, 1)[:, None], C_prev)
+        obj = jnp.zeros((), dtype)
         num = jnp.zeros((capacity, dim), dtype)
         den = jnp.zeros((capacity,), dtype)
         count = jnp.zeros((capacity,), jnp.int32)
-        assign = np.full((n,), -1, np.int32)
-        objective = jnp.zeros((), dtype)
-        it = 0
-        done = False
-        while it < max_iters and not done:
-            C = jnp.where((count > 0)[:, None], num / jnp.where(den > 0, den, 1)[:, None], C_prev)
-            obj = jnp.zeros((), dtype)
-            num = jnp.zeros((capacity, dim), dtype)
-            den = jnp.zeros((capacity,), dtype)
-            count = jnp.zeros((capacity,), jnp.int32)
-            changed = 0
-            for start, stop, block in _blocks(G, rows):
-                nb = np.zeros((rows,), dtype)
-                nb[: stop - start] = norms[start:stop]
-                a, _, o, nm, dn, ct = _block_step(jnp.asarray(block), jnp.asarray(nb), C, weighted=bool(weighted))
-                obj, num, den, count = obj + o, num + nm, den + dn, count + ct
-                a = np.asarray(a)[: stop - start]
-                changed += int(np.sum(a != assign[start:stop]))
-                assign[start:stop] = a
-            stalled = bool(jnp.abs(obj - objective) <= tol_arr * jnp.abs(obj))
-            done = changed == 0 or (stalled and it > 0)
-            C_prev, objective, it = C, obj, it + 1
-        empty = np.asarray(count[:m]) == 0
-        if not empty.any():
-            centroids = C_prev[:m] if m < capacity else C_prev
-            return KMeansResult(centroids, assign, objective, jnp.asarray(it, jnp.int32))
-        if init is not None:
-            kept = init[:m][~empty]
-            init = jnp.zeros_like(init).at[: kept.shape[0]].set(kept)
-        m -= int(empty.sum())
-        attempt += 1
+        changed = 0
+        for start, stop, block in _blocks(G, rows):
+            nb = np.zeros((rows,), dtype)
+            nb[: stop - start] = norms[start:stop]
+            a, _, o, nm, dn, ct = _block_step(jnp.asarray(block), jnp.asarray(nb), C, weighted=weighted)
+            obj, num, den, count = obj + o, num + nm, den + dn, count + ct
+            a = np.asarray(a)[: stop - start]
+            changed += int(np.sum(a != assign[start:stop]))
+            assign[start:stop] = a
+        stalled = bool(jnp.abs(obj - objective) <= tol_arr * jnp.abs(obj))
+        done = changed == 0 or (stalled and it > 0)
+        C_prev, objective, it = C, obj, it + 1
+    return C_prev, assign, objective, it, count

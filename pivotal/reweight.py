@@ -26,8 +26,6 @@ of optax's ``GradientTransformation``.
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -35,79 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from pivotal._checks import check_int, check_key, check_losses, check_real, leading_size
+
 Array = jax.Array
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], Array]
 
 WEIGHT_MIN = 1e-7
 WEIGHT_MAX = 1.0
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def leading_size(tree: PyTree, name: str) -> int:
-    """The common leading (example) axis of every leaf of ``tree``; raises if they differ."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    if not leaves:
-        raise ValueError(f"{name} must be a pytree with at least one array leaf, got {tree!r}")
-    sizes = set()
-    for leaf in leaves:
-        shape = np.shape(leaf)
-        if len(shape) == 0:
-            raise ValueError(f"every leaf of {name} needs a leading example axis; found a scalar")
-        sizes.add(shape[0])
-    if len(sizes) != 1:
-        raise ValueError(
-            f"all leaves of {name} must have the same leading size N (the example axis), "
-            f"got sizes {sorted(sizes)}"
-        )
-    size = sizes.pop()
-    if size == 0:
-        raise ValueError(f"{name} is empty: it needs at least one example")
-    return size
-
-
-def _check_scalar(value: Any, name: str) -> None:
-    if callable(value):
-        return
-    if np.ndim(value) != 0:
-        raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}")
-
-
-def _check_positive_finite(value: Any, name: str) -> None:
-    """``value`` must be a real scalar with ``0 < value < inf`` (Python, numpy or jax scalar).
-
-    Call-time check, before any tracing. A traced value (the caller is inside ``jax.jit``) has no
-    value to inspect, so only its shape is checked; its value is the caller's responsibility.
-    """
-    if np.ndim(value) != 0:
-        raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}")
-    if isinstance(value, jax.core.Tracer):
-        return
-    real = isinstance(value, numbers.Real) or (
-        isinstance(value, (np.ndarray, jax.Array))
-        and (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)))
-    if isinstance(value, (bool, np.bool_)) or not real:
-        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
-    number = float(value)
-    if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    """``value`` must be an integer >= 1 (not a bool, not a float); returns it as ``int``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)) \
-            or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    return int(value)
-
-
-def _check_losses(losses: Array, batch_size: int, name: str = "loss_fn") -> None:
-    if losses.shape != (batch_size,):
-        raise ValueError(
-            f"{name} must return per-example losses of shape ({batch_size},), got {losses.shape}"
-        )
 
 
 # --------------------------------------------------------------------------- lookahead
@@ -191,13 +124,12 @@ def weight_gradient(
     """
     batch_size = leading_size(batch, "batch")
     leading_size(meta_batch, "meta_batch")
-    _check_scalar(inner_lr, "inner_lr")
     if callable(inner_lr):
         raise TypeError("inner_lr must be a scalar here; schedules belong to make_meta_step")
-    _check_positive_finite(inner_lr, "inner_lr")
+    check_real(inner_lr, "inner_lr")
     if np.shape(weights) != (batch_size,):
         raise ValueError(
-            f"weights must have shape ({batch_size},) to match the batch, got {np.shape(weights)}"
+            f"weights must have shape ({batch_size},) to match the batch; got {np.shape(weights)}"
         )
     if optimizer is not None and opt_state is None:
         opt_state = optimizer.init(params)
@@ -208,7 +140,7 @@ def weight_gradient(
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _weight_gradient(loss_fn, optimizer, params, batch, weights, meta_batch, inner_lr, opt_state):
     losses, vjp_fn = jax.vjp(lambda p: loss_fn(p, batch), params)
-    _check_losses(losses, weights.shape[0])
+    check_losses(losses, weights.shape[0])
     objective = meta_objective(loss_fn, params, vjp_fn, meta_batch, inner_lr, optimizer, opt_state)
     batch_size = weights.shape[0]
     return jax.grad(lambda w: objective(w.astype(losses.dtype) / batch_size))(weights)
@@ -258,18 +190,18 @@ def direct_weights(*, weight_lr: float, init: Union[str, float] = "uniform") -> 
     (of order ``B / alpha``). ``weight_lr`` must be a positive finite number (checked here unless
     it is a traced value).
     """
-    _check_positive_finite(weight_lr, "weight_lr")
+    check_real(weight_lr, "weight_lr")
     if not (isinstance(init, str) and init == "uniform"):
         if isinstance(init, str) or not (WEIGHT_MIN <= float(init) <= WEIGHT_MAX):
-            raise ValueError(f"init must be 'uniform' or a number in [1e-7, 1], got {init!r}")
+            raise ValueError(f"init must be 'uniform' or a number in [1e-7, 1]; got {init!r}")
 
     def init_fn(key: Array, num_examples: int) -> DirectWeightsState:
-        if int(num_examples) <= 0:
-            raise ValueError(f"num_examples must be positive, got {num_examples}")
+        num_examples = check_int(num_examples, "num_examples")
         if init == "uniform":
-            w = jax.random.uniform(key, (int(num_examples),))
+            check_key(key)
+            w = jax.random.uniform(key, (num_examples,))
         else:
-            w = jnp.full((int(num_examples),), float(init))
+            w = jnp.full((num_examples,), float(init))
         return DirectWeightsState(jnp.clip(w, WEIGHT_MIN, WEIGHT_MAX))
 
     def update_fn(state, indices, losses, objective):
@@ -336,12 +268,13 @@ def meta_weight_net(
     weight decay 1e-4 (as PyTorch's ``Adam(weight_decay=1e-4)``, the official setting).
     Weights of the net start ``N(0, 1/fan_in)`` with zero biases.
     """
-    hidden = _check_positive_int(hidden, "hidden")
+    hidden = check_int(hidden, "hidden")
     net_opt = optimizer if optimizer is not None else optax.chain(
         optax.add_decayed_weights(1e-4), optax.adam(1e-3))
 
     def init_fn(key: Array, num_examples: int) -> MetaWeightNetState:
         del num_examples
+        check_key(key)
         k1, k2 = jax.random.split(key)
         params = {
             "w1": jax.random.normal(k1, (1, hidden)),

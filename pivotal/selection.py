@@ -21,38 +21,12 @@ import warnings
 import jax.numpy as jnp
 import numpy as np
 
-from pivotal.kmeans import (
-    DEFAULT_BLOCK_SIZE,
-    _as_int,
-    _as_scaled_features,
-    _check_block_size,
-    _check_key,
-    _row_norms,
-    assign_clusters,
-    weighted_spherical_kmeans,
-)
-from pivotal.sharding import example_placement, num_shards, place_examples, to_host
+from pivotal._checks import check_indices, check_int, check_key
+from pivotal._placement import example_placement, num_shards, place_examples, to_host
+from pivotal._rows import row_norms
+from pivotal.kmeans import DEFAULT_BLOCK_SIZE, as_scaled_features, assign_clusters, weighted_spherical_kmeans
 
 __all__ = ["select_meta_samples", "remaining_candidates"]
-
-
-def _as_existing(existing, n: int) -> np.ndarray:
-    """Validated ``existing`` indices as a sorted int64 numpy array (possibly empty)."""
-    if existing is None:
-        return np.zeros((0,), np.int64)
-    arr = np.asarray(existing)
-    if arr.size == 0:
-        return np.zeros((0,), np.int64)
-    if arr.ndim != 1:
-        raise ValueError(f"existing must be a 1-D array of indices, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"existing must hold integer indices, got dtype {arr.dtype}")
-    if arr.min() < 0 or arr.max() >= n:
-        raise ValueError(f"existing indices must lie in [0, {n}), got values in [{arr.min()}, {arr.max()}]")
-    uniq = np.unique(arr)
-    if uniq.size != arr.size:
-        raise ValueError("existing must not contain duplicate indices")
-    return uniq.astype(np.int64)
 
 
 def _padded_size(n: int) -> int:
@@ -65,7 +39,7 @@ def _padded_size(n: int) -> int:
 def _candidates(G, existing: np.ndarray, exclude_fraction: float, *, stacklevel: int):
     """Cheap part: ``(candidates before exclusion, number to drop)``; warns about zero rows."""
     n = G.shape[0]
-    norms = to_host(_row_norms(G))
+    norms = to_host(row_norms(G))
     is_existing = np.zeros(n, bool)
     is_existing[existing] = True
     zero = (norms == 0) & ~is_existing
@@ -93,7 +67,7 @@ def _drop_most_similar(G, candidates, existing, num_drop: int, block_size: int) 
 def _check_fraction(exclude_fraction) -> float:
     if (isinstance(exclude_fraction, bool) or not isinstance(exclude_fraction, numbers.Real)
             or not 0 <= exclude_fraction < 1):
-        raise ValueError(f"exclude_fraction must be a number in [0, 1), got {exclude_fraction!r}")
+        raise ValueError(f"exclude_fraction must be a number in [0, 1); got {exclude_fraction!r}")
     return float(exclude_fraction)
 
 
@@ -116,10 +90,10 @@ def remaining_candidates(features, *, existing=None, exclude_fraction: float = 0
     Returns:
       Sorted int64 numpy array of the remaining row indices.
     """
-    G, _ = _as_scaled_features(features, "features")  # exact power-of-two rescale if extreme
-    existing = _as_existing(existing, G.shape[0])
+    G, _ = as_scaled_features(features, "features")  # exact power-of-two rescale if extreme
+    existing = check_indices(existing, G.shape[0], "existing", unique=True)
     exclude_fraction = _check_fraction(exclude_fraction)
-    block_size = _check_block_size(block_size)
+    block_size = check_int(block_size, "block_size")
     candidates, num_drop, _ = _candidates(G, existing, exclude_fraction, stacklevel=2)
     return _drop_most_similar(G, candidates, existing, num_drop, block_size)
 
@@ -173,15 +147,13 @@ def select_meta_samples(
     """
     # Features whose squared norms would overflow (e.g. entries ~1e18 in float32) are rescaled
     # by a common power of two: exact, and the selection does not depend on a common factor.
-    G, _ = _as_scaled_features(features, "features")
+    G, _ = as_scaled_features(features, "features")
     n = G.shape[0]
-    budget = _as_int(budget, "budget")
-    if budget < 1:
-        raise ValueError(f"budget must be >= 1, got {budget}")
+    budget = check_int(budget, "budget")
     exclude_fraction = _check_fraction(exclude_fraction)
-    existing = _as_existing(existing, n)
-    _check_key(key)
-    block_size = _check_block_size(block_size)
+    existing = check_indices(existing, n, "existing", unique=True)
+    check_key(key)
+    block_size = check_int(block_size, "block_size")
     for name in ("num_clusters", "init"):
         if name in kmeans_kwargs:
             raise TypeError(f"select_meta_samples got an unexpected keyword argument {name!r}")
@@ -221,7 +193,7 @@ def select_meta_samples(
     assign = to_host(assign)[: candidates.size]
     sim = to_host(sim)[: candidates.size]
     if weighted:
-        cnorm = np.asarray(_row_norms(result.centroids))
+        cnorm = np.asarray(row_norms(result.centroids))
         sim = sim / cnorm[assign]
     # Per cluster, the largest |cos| first, then the lowest index.
     order = np.lexsort((np.arange(candidates.size), -sim, assign))

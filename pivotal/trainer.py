@@ -20,17 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pivotal.reweight import (
-    DirectWeightsState,
-    Reweighter,
-    _check_losses,
-    _check_positive_finite,
-    _check_positive_int,
-    _check_scalar,
-    leading_size,
-    lookahead,
-    meta_objective,
-)
+from pivotal._checks import check_int, check_losses, check_real, leading_size, value_range
+from pivotal.reweight import DirectWeightsState, Reweighter, lookahead, meta_objective
 
 PyTree = Any
 
@@ -95,12 +86,10 @@ def make_meta_step(
     reports ``finite=False``; call :func:`check_finite` on the host to raise.
     """
     if not isinstance(rule, Reweighter):
-        raise TypeError(f"rule must be a Reweighter (direct_weights(), l2rw(), ...), got {type(rule)}")
-    _check_scalar(learning_rate, "learning_rate")
+        raise TypeError(f"rule must be a Reweighter (direct_weights(), l2rw(), ...); got {type(rule)}")
     if not callable(learning_rate):
-        _check_positive_finite(learning_rate, "learning_rate")
-    if meta_batch_size is not None:
-        meta_batch_size = _check_positive_int(meta_batch_size, "meta_batch_size")
+        check_real(learning_rate, "learning_rate")
+    meta_batch_size = check_int(meta_batch_size, "meta_batch_size", allow_none=True)
     opt = optimizer if optimizer is not None else optax.sgd(1.0)
     schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
@@ -139,7 +128,7 @@ def make_meta_step(
 
         lr = jnp.asarray(schedule(state.step))
         losses, vjp_fn, new_model_state = forward(state.params, state.model_state, batch)
-        _check_losses(losses, batch_size)
+        check_losses(losses, batch_size)
         objective = meta_objective(meta_losses_fn(state.model_state), state.params, vjp_fn,
                                    meta_batch, lr, opt, state.opt_state)
         out, rule_state = rule.update(state.rule_state, batch["index"], losses, objective)
@@ -161,7 +150,7 @@ def make_meta_step(
         batch_size = _check_batch(batch)
         lr = jnp.asarray(schedule(state.step))
         losses, vjp_fn, new_model_state = forward(state.params, state.model_state, batch)
-        _check_losses(losses, batch_size)
+        check_losses(losses, batch_size)
         (grads,) = vjp_fn(jnp.full_like(losses, 1.0 / batch_size))
         params, opt_state = lookahead(state.params, grads, lr, opt, state.opt_state)
         new_state = state._replace(params=params, opt_state=opt_state,
@@ -192,14 +181,10 @@ def _check_batch(batch) -> int:
                          "its examples in the training set")
     size = leading_size(batch, "batch")
     if np.ndim(batch["index"]) != 1:
-        raise ValueError(f"batch['index'] must have shape (B,), got {np.shape(batch['index'])}")
+        raise ValueError(f"batch['index'] must have shape (B,); got {np.shape(batch['index'])}")
     if not jnp.issubdtype(jnp.result_type(batch["index"]), jnp.integer):
-        raise TypeError("batch['index'] must hold integers")
+        raise TypeError(f"batch['index'] must hold integers; got dtype {jnp.result_type(batch['index'])}")
     return size
-
-
-# Two scalars cross to the host; the reduction runs where the indices live (device, shards).
-_index_range = jax.jit(lambda index: (jnp.min(index), jnp.max(index)))
 
 
 def _check_index(index, rule_state) -> None:
@@ -221,20 +206,15 @@ def _check_index(index, rule_state) -> None:
     """
     if not isinstance(rule_state, DirectWeightsState):
         return
-    if isinstance(index, jax.core.Tracer):
+    bounds = value_range(index)
+    if bounds is None:
         return
     num_examples = int(np.shape(rule_state.weights)[0])
-    if not np.size(index):
-        return
-    if isinstance(index, jax.Array):
-        low, high = (int(v) for v in jax.device_get(_index_range(index)))
-    else:
-        host = np.asarray(index)
-        low, high = int(host.min()), int(host.max())
+    low, high = bounds
     if low < 0 or high >= num_examples:
         raise ValueError(
             f"batch['index'] must hold positions in [0, {num_examples}) (num_examples of the "
-            f"trainer's init), got values in [{low}, {high}]")
+            f"trainer's init); got values in [{low}, {high}]")
 
 
 def _all_finite(tree) -> jax.Array:

@@ -359,7 +359,7 @@ def test_remainder_chunks_and_strategies_give_identical_results(x64):
 
 
 def test_map_strategy_long_chunks_use_a_loop(x64, monkeypatch):
-    from pivotal import features as feat_mod
+    from pivotal import grads as feat_mod
 
     monkeypatch.setattr(feat_mod, "_MAX_UNROLL", 2)
     _, params, batch, ce_loss, _ = make_problem()
@@ -534,7 +534,7 @@ def test_gbc_sketch_error_shrinks_with_width(x64):
 def test_gbc_sketch_shapes_and_values():
     # A conv-shaped (3, 3, 2, 4) kernel is sketched as an (18, 4) matrix, the scalar kept exact;
     # each block is scale * ravel(P_a^T g P_b) with the projections of fold_in(sketch_key, leaf).
-    from pivotal.features import _as_matrix_shape, _leaf_projection, _sketch_widths
+    from pivotal.gbc import _as_matrix_shape, _leaf_projection, _sketch_widths
 
     params = {"conv": {"kernel": 0.3 * jax.random.normal(jax.random.PRNGKey(0), (3, 3, 2, 4)), "gain": jnp.array(1.5)},
               "dense": {"kernel": 0.3 * jax.random.normal(jax.random.PRNGKey(1), (4, 30)),

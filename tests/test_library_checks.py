@@ -177,7 +177,7 @@ def test_power_of_two_scaled_features_give_identical_selection(exponent):
 
 
 def test_ordinary_features_are_not_rescaled():
-    from pivotal.kmeans import _as_scaled_features
+    from pivotal.kmeans import as_scaled_features as _as_scaled_features
 
     G = _blobs()
     for scale in (1e-10, 1.0, 1e9):

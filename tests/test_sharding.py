@@ -104,6 +104,7 @@ def _worker() -> dict:
 
     import pivotal
     from pivotal import features as F
+    from pivotal import grads
     from pivotal import kmeans as K
     from pivotal import sharding as S
     from pivotal.kmeans import weighted_spherical_kmeans
@@ -153,7 +154,7 @@ def _worker() -> dict:
     # chunks of 5 (the last one shifted back) and the un-vmapped strategy.
     out["grads_local_rel"], out["grads_local_sharded"] = 0.0, True
     for kw in ({"chunk_size": 5}, {"chunk_size": 4, "strategy": "map"}):
-        with _recording(F, "_grads_step", "placement", position=7) as placements:
+        with _recording(grads, "_grads_step", "placement", position=7) as placements:
             got = F.per_example_grads(loss_fn, params, sbatch, **kw)
         out["grads_local_sharded"] &= set(placements) == {(mesh, "data")}
         out["grads_local_rel"] = max(out["grads_local_rel"], _tree_rel(ref, got))
@@ -165,7 +166,7 @@ def _worker() -> dict:
                               "index": np.zeros((rows,), np.int32)}, mesh)
         o = jax.tree_util.tree_map(
             lambda x, rows=rows: jnp.zeros((rows,) + x.shape, x.dtype, device=S.example_sharding(mesh)), params)
-        compiled = F._grads_step.lower(o, np.int32(0), S.replicate(params, mesh), b, loss_fn, 4, "vmap",
+        compiled = grads._grads_step.lower(o, np.int32(0), S.replicate(params, mesh), b, loss_fn, 4, "vmap",
                                        S.example_placement(b)).compile()
         out["grads_step_collectives"].append(_collectives(compiled.as_text()))
         out["grads_step_temp"].append(int(compiled.memory_analysis().temp_size_in_bytes))
