@@ -48,8 +48,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pivotal._checks import check_int, leading_size
-from pivotal._placement import (
+from pivotal._placement import (  # Placement: also importable from here, as before
     AxisName,
+    Placement,
     axis_names,
     check_mesh,
     example_placement,
