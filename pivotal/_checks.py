@@ -35,8 +35,10 @@ class ArgumentTypeError(TypeError, ValueError):
     """
 
 
-def is_traced(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
+def is_traced(*trees) -> bool:
+    """True when any leaf is a tracer: value checks are skipped under ``jit``."""
+    return any(isinstance(leaf, jax.core.Tracer)
+               for tree in trees for leaf in jax.tree_util.tree_leaves(tree))
 
 
 # --------------------------------------------------------------------------- scalars

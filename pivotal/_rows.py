@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pivotal._checks import is_traced
 from pivotal._placement import example_placement, example_sharding, num_shards, place_examples, replicate
 
 PyTree = Any
@@ -79,10 +80,6 @@ def blocked_rows(fn: Callable, G: jax.Array, row_args: tuple, block: int):
 
 
 # --------------------------------------------------------------------------- host-driven chunks
-
-
-def is_traced(*trees) -> bool:
-    return any(isinstance(leaf, jax.core.Tracer) for tree in trees for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def slice_rows(batch: PyTree, start, size: int) -> PyTree:

@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pivotal._checks import ArgumentTypeError, check_choice, check_int, check_key, check_loss_fn, leading_size
+from pivotal._checks import (
+    ArgumentTypeError, check_choice, check_int, check_key, check_loss_fn, is_traced, leading_size)
 from pivotal._placement import num_shards, per_shard
-from pivotal._rows import chunk_starts, chunked_rows, is_traced, placed, slice_rows, write_rows, zeros_rows
+from pivotal._rows import chunk_starts, chunked_rows, placed, slice_rows, write_rows, zeros_rows
 from pivotal.grads import STRATEGIES, layer_groups_of, map_examples, single_example_loss
 
 __all__ = ["RECOMMENDED_IMPORTANCE_CHUNK_SIZE", "GBCInfo", "gbc_features", "make_gbc_feature_fn"]

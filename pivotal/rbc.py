@@ -17,9 +17,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pivotal._checks import ArgumentTypeError, check_finite_array, check_int, check_key, value_range
+from pivotal._checks import ArgumentTypeError, check_finite_array, check_int, check_key, is_traced, value_range
 from pivotal._placement import example_placement, per_shard, place_examples, replicate
-from pivotal._rows import is_traced
 
 __all__ = ["label_free_loss", "make_rbc_feature_fn", "rbc_features", "sketch_rbc_features"]
 

@@ -229,7 +229,7 @@ def test_module_and_function_sizes():
 CHECK_NAMES = {"check_key", "check_int", "check_positive_int", "as_int", "check_block_size", "check_finite",
                "check_finite_array", "check_positive_finite", "check_real", "check_scalar", "leading_size",
                "num_examples", "check_losses", "check_loss_fn", "value_range", "check_indices", "as_existing",
-               "as_features"}
+               "as_features", "is_traced"}
 # pivotal.check_finite (public API) raises on a meta step's metrics; it checks no argument.
 PUBLIC_NAMESAKES = {"check_finite": ["pivotal.trainer"]}
 
