@@ -123,11 +123,12 @@ def write_to_label(path_csv, data: UserData, indices, *, predicted=None,
 # ----------------------------------------------------------------------------- contact sheet
 
 
-def sheet_geometry(count: int, tile: int = TILE, columns: int = COLUMNS) -> tuple:
+def sheet_geometry(count: int, tile: int = TILE, columns: int = COLUMNS,
+                   text_lines: int = TEXT_LINES) -> tuple:
     """(columns, rows, cell width, cell height) of a sheet of ``count`` images."""
     cols = max(1, min(columns, count))
     cell_w = tile + 2 * PAD
-    cell_h = tile + 3 * PAD + TEXT_LINES * (FONT_SIZE + 4)
+    cell_h = tile + 3 * PAD + text_lines * (FONT_SIZE + 4)
     return cols, math.ceil(count / cols), cell_w, cell_h
 
 
@@ -175,8 +176,9 @@ def _scaled(image: Image.Image, tile: int) -> Image.Image:
     return image.resize(size, resample)
 
 
-def _draw_sheet(data: UserData, indices, tile: int, columns: int) -> Image.Image:
-    cols, rows, cell_w, cell_h = sheet_geometry(len(indices), tile, columns)
+def _draw_sheet(data: UserData, indices, tile: int, columns: int, notes=None) -> Image.Image:
+    lines_per = TEXT_LINES + (notes is not None)
+    cols, rows, cell_w, cell_h = sheet_geometry(len(indices), tile, columns, lines_per)
     sheet = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default(size=FONT_SIZE)
@@ -185,7 +187,8 @@ def _draw_sheet(data: UserData, indices, tile: int, columns: int) -> Image.Image
         image = _scaled(_display_image(data, int(i)), tile)
         sheet.paste(image, (left + PAD + (tile - image.width) // 2,
                             top + PAD + (tile - image.height) // 2))
-        lines = (data.ids[i], f"given: {data.given_label(i)}")
+        lines = (data.ids[i], f"given: {data.given_label(i)}") + (
+            () if notes is None else (str(notes[k]),))
         for n, text in enumerate(lines):
             draw.text((left + PAD, top + tile + 2 * PAD + n * (FONT_SIZE + 4)),
                       _fit(text, font, cell_w - 2 * PAD), fill="black", font=font)
@@ -193,8 +196,12 @@ def _draw_sheet(data: UserData, indices, tile: int, columns: int) -> Image.Image
 
 
 def write_contact_sheet(path_png, data: UserData, indices, *, tile: int = TILE,
-                        columns: int = COLUMNS, per_sheet: int = PER_SHEET) -> list:
+                        columns: int = COLUMNS, per_sheet: int = PER_SHEET,
+                        notes: Sequence[str] | None = None) -> list:
     """Draws the requested examples on PNG contact sheets; returns the files written.
+
+    ``notes``: an optional third caption line per image (aligned with ``indices``), e.g.
+    the prediction and learned weight on the sheet of suspects.
 
     ``path_png`` holds the first ``per_sheet`` images, ``<stem>-2.png`` the next, ...;
     sheets of that pattern left over from a longer earlier list are removed.
@@ -204,11 +211,15 @@ def write_contact_sheet(path_png, data: UserData, indices, *, tile: int = TILE,
       UserDataError: an image file cannot be read any more.
     """
     indices = _indices(data, indices)
+    if notes is not None and len(notes) != len(indices):
+        raise ValueError(f"notes has {len(notes)} entries for {len(indices)} indices")
     if indices.size == 0:
         return []
     paths = sheet_paths(path_png, len(indices), per_sheet)
     for k, path in enumerate(paths):
-        sheet = _draw_sheet(data, indices[k * per_sheet:(k + 1) * per_sheet], tile, columns)
+        part = slice(k * per_sheet, (k + 1) * per_sheet)
+        sheet = _draw_sheet(data, indices[part], tile, columns,
+                            None if notes is None else list(notes)[part])
         with _replacing(path, binary=True) as f:
             sheet.save(f, format="PNG")
     stem, ext = os.path.splitext(os.fspath(path_png))
