@@ -43,6 +43,7 @@ class ExperimentConfig:
     noise_file: Optional[str] = None
     noise_file_key: Optional[str] = None
     data_dir: Optional[str] = None
+    train_size: Optional[int] = None  # a seeded stratified subsample of the training split
     model: str = "lenet5"
     budget: int = 20  # M0 + M1 cleaned examples in all
     warmup: int = 10  # M0, drawn at random; 0 = no warm-up (plain training, then one selection)
@@ -109,6 +110,10 @@ class ExperimentConfig:
         if self.noise != "file" and (self.noise_file or self.noise_file_key):
             raise ValueError(f"noise_file and noise_file_key need noise 'file', got noise "
                              f"{self.noise!r}")
+        if self.train_size is not None and (isinstance(self.train_size, bool) or not isinstance(
+                self.train_size, numbers.Integral) or self.train_size < 1):
+            raise ValueError(f"{name('train_size')} must be a positive integer (examples kept "
+                             f"of the training split), got {self.train_size!r}")
         if self.budget <= 0:
             raise ValueError(f"{name('budget')} must be positive, got {self.budget}")
         if not 0 <= self.warmup < self.budget:

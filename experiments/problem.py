@@ -10,6 +10,7 @@ import numpy as np
 
 from experiments import noise as noise_lib
 from experiments.config import ExperimentConfig
+from experiments.dataset_core import stratified_take
 from experiments.datasets import load_dataset
 
 
@@ -33,10 +34,33 @@ class Problem(NamedTuple):
         return self.y_noisy == self.y_clean
 
 
+# Entropy word of the --train-size subsample's generator (independent of the split's stream).
+_TRAIN_SIZE_STREAM = 0x7A1
+
+
+def subsample(y: np.ndarray, train_size: int, seed: int, dataset: str = "") -> np.ndarray:
+    """Sorted positions of a stratified subsample of ``train_size`` of the labels ``y``.
+
+    Each class keeps its share of ``y`` (:func:`~experiments.dataset_core.stratified_take`),
+    drawn by ``np.random.default_rng([seed, _TRAIN_SIZE_STREAM])``: the same seed, the same
+    subsample. ``ValueError`` when ``train_size`` exceeds ``len(y)``.
+    """
+    if train_size > len(y):
+        raise ValueError(f"train_size (--train-size) {train_size} must be at most the "
+                         f"{len(y)} examples of the training split of {dataset or 'the data'}")
+    return stratified_take(np.asarray(y), train_size,
+                           np.random.default_rng([seed, _TRAIN_SIZE_STREAM]))
+
+
 def make_problem(cfg: ExperimentConfig, seed: int) -> Problem:
-    """Load the dataset (split by ``seed``), subsample long-tailed, inject label noise."""
+    """Load the dataset (split by ``seed``), keep a ``cfg.train_size`` subsample of the
+    training split (stratified on the clean labels), subsample long-tailed, inject label
+    noise (after the subsampling, so the noise rate holds on the examples trained on)."""
     data = load_dataset(cfg.dataset, seed=seed, data_dir=cfg.data_dir)
-    x, y = data.x_train, data.y_train
+    x, y, source = data.x_train, data.y_train, data.train_index
+    if cfg.train_size is not None:
+        kept = subsample(y, cfg.train_size, seed, cfg.dataset)
+        x, y, source = x[kept], y[kept], source[kept]
     k = data.num_classes
     if cfg.imbalance is not None and cfg.imbalance > 1:
         kept = noise_lib.long_tailed(y, cfg.imbalance, k, seed=seed)
@@ -48,8 +72,9 @@ def make_problem(cfg: ExperimentConfig, seed: int) -> Problem:
     elif cfg.noise == "file":
         if cfg.imbalance is not None:
             raise ValueError("noise='file' cannot be combined with imbalance")
-        labels = noise_lib.from_file(cfg.noise_file, key=cfg.noise_file_key, clean_labels=y)
-        noisy = np.asarray(getattr(labels, "labels", labels))[data.train_index]
+        labels = noise_lib.from_file(cfg.noise_file, key=cfg.noise_file_key,
+                                     clean_labels=data.y_train)
+        noisy = np.asarray(getattr(labels, "labels", labels))[source]
     else:
         noisy = y.copy()
     noisy = np.asarray(noisy, np.int32)

@@ -29,6 +29,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     p.add_argument("--dataset", help="dataset name: " + ", ".join(dataset_names()))
     p.add_argument("--data-dir", help="where downloaded datasets live (tfds data_dir, ...)")
+    p.add_argument("--train-size", type=int, help="train on a seeded stratified subsample of "
+                                                  "this many examples of the training split")
     p.add_argument("--noise", help="label noise: " + ", ".join(NOISES))
     p.add_argument("--noise-file", help="with --noise file: a CIFAR-N style label file "
                                         "(.npy, or .npz / .pt with --noise-key)")
@@ -66,7 +68,7 @@ FIELD_FLAGS = {"dataset": "--dataset", "data_dir": "--data-dir", "noise": "--noi
                "imbalance": "--imbalance", "model": "--model", "budget": "--budget",
                "warmup": "--warmup", "rounds": "--rounds", "lr": "--lr",
                "weight_lr": "--weight-lr", "epochs": "--epochs", "warmup_epochs": "--epochs",
-               "finetune_epochs": "--epochs", "mesh": "--mesh"}
+               "finetune_epochs": "--epochs", "mesh": "--mesh", "train_size": "--train-size"}
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -110,6 +112,7 @@ def resolve(args: argparse.Namespace):
         mesh = int(size)
     rate = 0.0 if args.noise == "none" and args.rate is None else args.rate
     cfg = with_overrides(preset.config, dataset=args.dataset, data_dir=args.data_dir,
+                         train_size=args.train_size,
                          noise=args.noise, rate=rate, imbalance=args.imbalance,
                          noise_file=args.noise_file, noise_file_key=args.noise_key,
                          model=args.model, budget=args.budget, warmup=args.warmup,

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from experiments import datasets as ds
+from experiments import tfds_data
 from experiments.datasets import (
     Dataset,
     DatasetNotFoundError,
@@ -40,7 +41,7 @@ def _assert_well_formed(d: Dataset):
 
 def test_registry_lists_every_dataset_with_description():
     assert set(ds.dataset_names()) == {
-        "mnist5k", "digits", "toy", "mnist", "cifar10", "cifar100", "imagenet10"}
+        "mnist5k", "digits", "toy", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet10"}
     for spec in ds.DATASETS.values():
         assert callable(spec.loader) and spec.description
 
@@ -163,7 +164,7 @@ def test_toy_deterministic_and_seed_dependent():
     ("mnist", (28, 28, 1), 10), ("cifar10", (32, 32, 3), 10)])
 def test_tfds_loader_with_mock_data(name, shape, classes):
     tfds = pytest.importorskip("tensorflow_datasets")
-    info = ds._TFDS_INFO[name]
+    info = tfds_data._TFDS_INFO[name]
     with tfds.testing.mock_data(num_examples=30):
         d = load_dataset(name, seed=0)
         again = load_dataset(name, seed=0)
@@ -185,10 +186,10 @@ def test_tfds_loader_with_mock_data(name, shape, classes):
 
 def test_original_order_restores_cifar_file_order():
     ids = ["train_00002", b"train_00000", "train_00001"]
-    assert ds._original_order(ids).tolist() == [1, 2, 0]
-    assert ds._original_order(["abc", "def"]).tolist() == [0, 1]
-    assert ds._original_order(["train_00005", "train_00000"]).tolist() == [0, 1]
-    assert ds._original_order([None, None]).tolist() == [0, 1]
+    assert tfds_data._original_order(ids).tolist() == [1, 2, 0]
+    assert tfds_data._original_order(["abc", "def"]).tolist() == [0, 1]
+    assert tfds_data._original_order(["train_00005", "train_00000"]).tolist() == [0, 1]
+    assert tfds_data._original_order([None, None]).tolist() == [0, 1]
 
 
 def test_missing_tfds_dataset_explains_how_to_get_it(tmp_path):
