@@ -44,6 +44,7 @@ from typing import Optional
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 import pivotal
 from experiments import checkpoint, labelfiles
@@ -417,8 +418,11 @@ def next_round(work, labels) -> dict:
         run = _train(state, problem, model, meta, answers, work, r, final=False)
         k_sel = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(state["seed"]), 4), r)
         info: dict = {}
-        new = np.asarray(select(state["method"], problem, model, run, meta,
-                                state["per_round"][r], _config(state), k_sel, info), np.int64)
+        with tqdm(total=1, desc=f"select ({state['method']})", leave=False, disable=None) as bar:
+            new = np.asarray(select(state["method"], problem, model, run, meta,
+                                    state["per_round"][r], _config(state), k_sel, info),
+                             np.int64)
+            bar.update()
         predicted = _predict(model, run, sets.train.x[new], 512)
         _write_answers(work, r, sets.train, state["requested"][r], current)
         _write_round(work, r + 1, sets.train, new, predicted=predicted)

@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from experiments import clean, cleaning, noise
+from experiments import clean, clean_plots, clean_report, cleaning, noise
 from experiments.userdata import read_user_data
 
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -369,6 +369,52 @@ def test_image_folder_round_zero_for_a_person(tmp_path):
         assert os.path.isfile(row["path"]) and row["path"].endswith(row["id"])
     sheet = Image.open(work / "round-0" / "to_label.png")
     assert sheet.width >= 10 * 128 and sheet.height >= 2 * 128  # 12 images, 128 px tiles
+
+
+@pytest.mark.parametrize("weights, agrees, losses, order", [
+    ([0.5, 0.1, 0.9], [True, True, True], [1, 1, 1], [1, 0, 2]),  # weight ascending
+    ([0.5, 0.1, 0.9], [True, True, False], [1, 1, 1], [2, 1, 0]),  # disagreeing first
+    ([1e-7, 1e-7, 1e-7], [False, False, False], [0.5, 3.0, 1.0], [1, 2, 0]),  # loss on ties
+])
+def test_rank_suspects(weights, agrees, losses, order):
+    assert clean_report.rank_suspects(weights, agrees, losses).tolist() == order
+
+
+@pytest.mark.parametrize("k, n, low, high", [(0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634),
+                                            (8, 20, 0.2188, 0.6134)])
+def test_wilson_interval(k, n, low, high):
+    assert clean_report.wilson_interval(k, n) == pytest.approx((low, high), abs=1e-4)
+
+
+def test_plots_are_pngs(tmp_path):
+    rng = np.random.default_rng(0)
+    w, loss, agree = rng.uniform(size=50), rng.exponential(size=50), rng.uniform(size=50) < .6
+    for path in (clean_plots.plot_weights_by_agreement(tmp_path / "a.png", w, agree),
+                 clean_plots.plot_weight_vs_loss(tmp_path / "b.png", w, loss, agree),
+                 clean_plots.plot_suspect_table(tmp_path / "c.png", [[1, "x", 0.1, "a", "b"]],
+                                                ["rank", "id", "weight", "given", "pred"])):
+        assert Image.open(path).format == "PNG"
+
+
+def test_colour_images_pick_resnet_and_tables_an_mlp(tmp_path):
+    root = tmp_path / "colour"
+    for i in range(12):
+        os.makedirs(root / NAMES[i % 2], exist_ok=True)
+        Image.fromarray(np.full((10, 12, 3), 20 * i, np.uint8)).save(root / NAMES[i % 2]
+                                                                      / f"c{i}.png")
+    assert cli("start", "--data", root, "--work", tmp_path / "w1", "--budget", "4",
+               "--warmup", "2") == 0
+    state = json.loads((tmp_path / "w1" / "state.json").read_text())
+    assert state["model"] == "resnet34" and state["input_size"] == [10, 12]
+    table = tmp_path / "t.csv"
+    table.write_text("a,b,label\n" + "".join(f"{i},{i % 3},{'xy'[i % 2]}\n" for i in range(9)))
+    assert cli("start", "--data", table, "--work", tmp_path / "w2", "--budget", "4",
+               "--warmup", "2") == 0
+    state = json.loads((tmp_path / "w2" / "state.json").read_text())
+    assert state["model"] == "mlp" and state["input_size"] is None
+    header, rows = read_csv(tmp_path / "w2" / "round-0" / "to_label.csv")
+    assert "path" not in header and len(rows) == 2
+    assert not (tmp_path / "w2" / "round-0" / "to_label.png").exists()
 
 
 def test_console_scripts():
