@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 import pivotal
-from experiments import checkpoint, models, results
+from experiments import checkpoint, models, resources, results
 from experiments.config import METHODS, ExperimentConfig, config_id, warmup_config
 from experiments.problem import Problem, make_problem, split_pool
 from experiments.selection import select
@@ -130,11 +130,15 @@ def run_method(method: str, problem: Problem, model: Model, cfg: ExperimentConfi
     rounds: list = []  # (meta-set size, test accuracy) after each round's training
 
     if method == "base":
-        run = train_meta(problem, model, cfg, k_final, meta_indices=None, epochs=cfg.epochs,
-                         ckpt_dir=run_dir(work_dir, method), desc="base")
+        with resources.phase("final_training"):
+            run = train_meta(problem, model, cfg, k_final, meta_indices=None, epochs=cfg.epochs,
+                             ckpt_dir=run_dir(work_dir, method), desc="base")
         meta = np.zeros(0, np.int64)
     else:
-        meta, prev = warm if warm is not None else warmup_run(problem, model, cfg, seed, work_dir)
+        if warm is None:
+            with resources.phase("warmup"):
+                warm = warmup_run(problem, model, cfg, seed, work_dir)
+        meta, prev = warm
         extra = cfg.budget - cfg.warmup
         per_round = [extra // cfg.rounds + (r < extra % cfg.rounds) for r in range(cfg.rounds)]
         run = warm_run = prev
@@ -142,7 +146,8 @@ def run_method(method: str, problem: Problem, model: Model, cfg: ExperimentConfi
             t0 = time.perf_counter()
             k_sel = jax.random.fold_in(jax.random.fold_in(key, 4), r)
             info: dict = {}
-            new = select(method, problem, model, prev, meta, count, cfg, k_sel, info)
+            with resources.phase("selection"):  # selection.py times features and K-means
+                new = select(method, problem, model, prev, meta, count, cfg, k_sel, info)
             row["selection_seconds"] += time.perf_counter() - t0
             for name, value in info.items():  # one entry per round
                 row.setdefault(name, []).append(value)
@@ -150,18 +155,20 @@ def run_method(method: str, problem: Problem, model: Model, cfg: ExperimentConfi
             if method == "finetune":
                 break
             last = r == cfg.rounds - 1
-            run = train_meta(problem, model, cfg, k_final, meta_indices=meta, epochs=cfg.epochs,
-                             ckpt_dir=run_dir(work_dir, method, r),
-                             keep_snapshots=not last, desc=f"{method} r{r}")
+            with resources.phase("final_training"):
+                run = train_meta(problem, model, cfg, k_final, meta_indices=meta,
+                                 epochs=cfg.epochs, ckpt_dir=run_dir(work_dir, method, r),
+                                 keep_snapshots=not last, desc=f"{method} r{r}")
             prev = run
             rounds.append((len(meta), run.test_accuracy))
         if method == "finetune":
             # Fine-tune the warm-up's best model on the cleaned meta set alone.
-            run = train_meta(problem, model, cfg, k_final, meta_indices=None,
-                             epochs=cfg.finetune_epochs, init_params=(prev.best_params,
-                                                                      prev.best_model_state),
-                             train_indices=meta, train_labels=problem.y_clean,
-                             ckpt_dir=run_dir(work_dir, method), desc="finetune")
+            with resources.phase("final_training"):
+                run = train_meta(problem, model, cfg, k_final, meta_indices=None,
+                                 epochs=cfg.finetune_epochs,
+                                 init_params=(prev.best_params, prev.best_model_state),
+                                 train_indices=meta, train_labels=problem.y_clean,
+                                 ckpt_dir=run_dir(work_dir, method), desc="finetune")
     pool = np.setdiff1d(np.arange(len(problem.y_noisy)), meta)
     boundary_auc = None
     if run.weights is not None and method != "base":
@@ -195,6 +202,11 @@ def run(cfg: ExperimentConfig, methods: Sequence[str], seeds: int, out: str,
     snapshots K) share it. ``outcomes``: filled with seed 0's final :class:`TrainOutcome` per
     method (for the figures). ``problems``: ``{seed: make_problem(cfg, seed)}`` already
     loaded (the command line's preflight loads seed 0); the other seeds are loaded here.
+
+    Each row's ``phase_seconds`` and ``phase_peak_rss_gb`` (:mod:`experiments.resources`):
+    ``warmup`` (run once per seed in this process; every non-base row of the seed carries
+    it), ``selection`` (with ``features`` and ``kmeans`` inside it for RBC/RBC-K/GBC) and
+    ``final_training`` (every training after the selection, summed over the rounds).
     """
     results.check_out(out)
     cid = config_id(cfg)
@@ -215,16 +227,24 @@ def run(cfg: ExperimentConfig, methods: Sequence[str], seeds: int, out: str,
         model = build_model(cfg, problem)
         work = seed_dir(out, cfg, seed)
         warm = None
+        warm_phases = resources.Recorder()  # the warm-up's, shared by the seed's methods
         for method in todo:
             t0 = time.perf_counter()
             try:
-                with _once(said):
+                with _once(said), resources.recording() as own:
                     if method != "base" and warm is None:
-                        warm = warmup_run(problem, model, cfg, seed, warmup_dir(out, cfg, seed))
+                        with resources.recording(warm_phases), resources.phase("warmup"):
+                            warm = warmup_run(problem, model, cfg, seed,
+                                              warmup_dir(out, cfg, seed))
                     row, outcome = run_method(method, problem, model, cfg, seed, work, warm,
                                               return_outcome=True)
             except TrainingDiverged as err:
                 raise Diverged(method, seed, err) from None
+            phases = resources.Recorder()
+            if method != "base":
+                phases.merge(warm_phases)
+            phases.merge(own)
+            row.update(phases.row())
             if seed == 0:
                 outcomes[method] = outcome
             row.update(seed=seed, dataset=cfg.dataset, noise=cfg.noise, rate=cfg.rate,

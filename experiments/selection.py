@@ -21,6 +21,7 @@ from pivotal.selection import remaining_candidates
 from experiments import models
 from experiments.config import METHODS, ExperimentConfig, config_mesh
 from experiments.problem import Problem
+from experiments.resources import phase
 from experiments.ta_vaal import ta_vaal_selection
 from experiments.training import Model, TrainOutcome, load_snapshots
 
@@ -160,8 +161,10 @@ def _ta_vaal(method, problem, model, run, existing, count, cfg, key, info) -> np
 def _clustering(method, problem, model, run, existing, count, cfg, key, info) -> np.ndarray:
     """RBC, RBC-K (unweighted K-means) and GBC: Algorithm 2 on snapshot features."""
     k_feat, k_sel = jax.random.split(key)
-    feats, epochs = selection_features(method, problem, model, run, cfg, k_feat,
-                                       return_epochs=True)
+    with phase("features"):  # block: JAX's async dispatch would bill K-means for them
+        feats, epochs = selection_features(method, problem, model, run, cfg, k_feat,
+                                           return_epochs=True)
+        jax.block_until_ready(feats)
     info["snapshot_epochs"] = [int(e) for e in epochs]
     # Empty K-means clusters leave select_meta_samples short of `count` (paper appendix:
     # rerun with fewer clusters). Every method must clean the same number of examples for
@@ -172,10 +175,12 @@ def _clustering(method, problem, model, run, existing, count, cfg, key, info) ->
     calls = 0
     while picked.size < count:
         k_call = k_sel if calls == 0 else jax.random.fold_in(k_sel, calls)
-        picked = np.concatenate([picked, np.asarray(pivotal.select_meta_samples(
-            feats, count - picked.size, k_call, existing=np.concatenate([existing, picked]),
-            exclude_fraction=cfg.exclude_fraction, weighted=(method != "rbc-k"),
-            max_iters=cfg.kmeans_iters, mesh=config_mesh(cfg)), np.int64)])
+        with phase("kmeans"):  # the seconds of all calls add up
+            new = pivotal.select_meta_samples(
+                feats, count - picked.size, k_call, existing=np.concatenate([existing, picked]),
+                exclude_fraction=cfg.exclude_fraction, weighted=(method != "rbc-k"),
+                max_iters=cfg.kmeans_iters, mesh=config_mesh(cfg))
+        picked = np.concatenate([picked, np.asarray(new, np.int64)])
         calls += 1
     info["selection_calls"] = calls
     if cfg.diagnostics and method == "rbc" and not cfg.label_aware:
