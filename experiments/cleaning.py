@@ -22,8 +22,9 @@ and whose ``y_clean`` holds the person's answers for the labelled examples and
 
 Keys follow :func:`~experiments.pipeline.run_method` for the same seed: the warm-up draw
 ``fold_in(key, 1)``, the warm-up training ``fold_in(key, 2)``, later trainings
-``fold_in(key, 3)``, round ``r``'s selection ``fold_in(fold_in(key, 4), r)``. With oracle
-answers the workflow therefore picks what the pipeline picks. Each step checks everything
+``fold_in(key, 3)``, round ``r``'s selection ``fold_in(fold_in(key, 4), r)``: the same
+draws as the simulated cleaning of the pipeline (whose arrays differ: user data are
+standardised on their own statistics). Each step checks everything
 (the data's hash, the labels file, the round) before it trains or writes, under a
 :class:`~experiments.lock.FolderLock`; ``state.json`` is replaced atomically last, so a
 killed step leaves the previous state and its rerun resumes the training from its Orbax
