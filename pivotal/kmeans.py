@@ -37,10 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pivotal._checks import as_features, check_int, check_key, check_real, value_range
+from pivotal._checks import as_features, check_choice, check_int, check_key, check_real, value_range
 from pivotal._placement import example_placement, num_shards, pad_examples, per_shard, place_examples, replicate
 from pivotal._rows import blocked_rows
 from pivotal._rows import row_norms as _row_norms
+from pivotal.elkan import elkan_loop
 from pivotal.lloyd import (  # lloyd_pass and cluster_mass: also importable from here, as before
     assign_block,
     blocked_cluster_sums,
@@ -60,6 +61,8 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
 ]
 DEFAULT_BLOCK_SIZE = 2048
+# The Lloyd loops: the plain one, and the one that skips rows by bounds (same results).
+ALGORITHMS = {"lloyd": lloyd_loop, "elkan": elkan_loop}
 # k-means++ seeding reads its input once per seed; drawing from a uniform subsample of this many rows
 # per cluster (at least _SEED_MIN_POINTS) keeps it a small fraction of the Lloyd iterations.
 _SEED_POINTS_PER_CLUSTER = 64
@@ -366,16 +369,18 @@ def seed_centroids(G, norms, key, num_seeds, *, capacity: int, weighted: bool, s
 
 @functools.partial(
     jax.jit,
-    static_argnames=("capacity", "weighted", "block_size", "sparse_tiers", "seed_sample", "num_rows", "placement"),
+    static_argnames=("capacity", "weighted", "block_size", "sparse_tiers", "seed_sample", "num_rows", "placement",
+                     "algorithm"),
 )
 def _kmeans_single(G, key, num_clusters, max_iters, tol, init=None, *, capacity, weighted, block_size,
-                   sparse_tiers, seed_sample, num_rows=None, placement=None):
+                   sparse_tiers, seed_sample, num_rows=None, placement=None, algorithm="lloyd"):
     """One run of Algorithm 1; returns ``(centroids, assignments, objective, iters, member_counts)``.
 
     Shapes are those of ``capacity`` clusters, of which the first ``num_clusters`` (traced) are
     used: the others have zero centroids, which never win an assignment. The empty-cluster
     restarts therefore reuse one compiled program. ``init`` ``(capacity, D)``, when given, replaces
     the k-means++ seeds; ``num_rows`` is that of :func:`seed_centroids` (zero padding after it).
+    ``algorithm`` names the Lloyd loop (:data:`ALGORITHMS`).
 
     ``placement = (mesh, axis)``: ``G`` is split over ``axis`` (``N`` divisible by its devices)
     and the Lloyd loop runs per shard (:func:`pivotal.lloyd.lloyd_loop` under ``shard_map``;
@@ -389,8 +394,8 @@ def _kmeans_single(G, key, num_clusters, max_iters, tol, init=None, *, capacity,
                                sample_size=seed_sample, num_rows=num_rows)
     else:
         seeds = jnp.where((jnp.arange(m) < num_clusters)[:, None], init.astype(G.dtype), 0)
-    lloyd = functools.partial(lloyd_loop, weighted=weighted, block_size=block_size, sparse_tiers=sparse_tiers,
-                              axis=None if placement is None else placement[1])
+    lloyd = functools.partial(ALGORITHMS[algorithm], weighted=weighted, block_size=block_size,
+                              sparse_tiers=sparse_tiers, axis=None if placement is None else placement[1])
     lloyd = per_shard(lloyd, placement, (True, True, False, False, False), (False, True, False, False, False))
     return lloyd(G, norms, seeds, max_iters, tol)
 
@@ -402,7 +407,7 @@ def seed_sample(n: int, capacity: int, seed_sample_size=None) -> int:
 
 
 def _static_config(n: int, capacity: int, weighted: bool, block_size: int, seed_sample_size=None, *,
-                   shard_rows: int | None = None) -> dict:
+                   shard_rows: int | None = None, algorithm: str = "lloyd") -> dict:
     """The static arguments of ``_kmeans_single`` that :func:`weighted_spherical_kmeans` uses.
 
     ``n`` examples; ``shard_rows``: rows per shard when the Lloyd loop runs sharded (the blocks and
@@ -411,7 +416,7 @@ def _static_config(n: int, capacity: int, weighted: bool, block_size: int, seed_
     rows = n if shard_rows is None else shard_rows
     return dict(capacity=capacity, weighted=bool(weighted), block_size=min(block_size, rows),
                 sparse_tiers=sparse_tier_sizes(rows, block_size),
-                seed_sample=seed_sample(n, capacity, seed_sample_size))
+                seed_sample=seed_sample(n, capacity, seed_sample_size), algorithm=algorithm)
 
 
 def _kmeans_placement(G, mesh, mesh_axis):
@@ -463,6 +468,7 @@ def weighted_spherical_kmeans(
     cluster_capacity: int | None = None,
     mesh=None,
     mesh_axis="data",
+    algorithm: str = "lloyd",
 ) -> KMeansResult:
     """Weighted spherical K-means, paper Algorithm 1, with the empty-cluster restarts of Alg. 2.
 
@@ -509,6 +515,11 @@ def weighted_spherical_kmeans(
         ``num_clusters``), the surplus held at zero. Calls with different ``num_clusters`` but the
         same capacity share one compiled program; the result depends on the capacity only through
         the seeding's random draws.
+      algorithm: ``"lloyd"`` scores every row against every centroid in every step; ``"elkan"``
+        (:mod:`pivotal.elkan`) keeps per-row bounds and scores only the rows whose assignment
+        may change, with the same assignments, centroids and iteration count (the objective
+        equal up to float summation order, which in rare near-ties at ``tol`` could end a run
+        one step apart), faster once few rows move, at the cost of an ``(N, M)`` array of bounds.
 
     Returns:
       :class:`KMeansResult`; its ``assignments`` and ``objective`` are those of the returned
@@ -524,6 +535,7 @@ def weighted_spherical_kmeans(
     check_real(tol, "tol", positive=False)
     block_size = check_int(block_size, "block_size")
     seed_sample_size = check_int(seed_sample_size, "seed_sample_size", allow_none=True)
+    check_choice(algorithm, "algorithm", tuple(ALGORITHMS))
     check_key(key)
     if init is not None:
         init = as_features(init, "init")
@@ -542,7 +554,7 @@ def weighted_spherical_kmeans(
         G = place_examples(G, placement)
         key, init = replicate((key, init), placement[0])
     static = _static_config(n, capacity, weighted, block_size, seed_sample_size,
-                            shard_rows=None if placement is None else G.shape[0] // shards)
+                            shard_rows=None if placement is None else G.shape[0] // shards, algorithm=algorithm)
     padded = G.shape[0] != n
     if init is not None and capacity > num_clusters:
         init = jnp.concatenate([init, jnp.zeros((capacity - num_clusters, G.shape[1]), G.dtype)])
