@@ -20,8 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pivotal._checks import check_int, check_losses, check_real, leading_size, value_range
+from pivotal._checks import check_choice, check_int, check_losses, check_real, leading_size, value_range
+from pivotal.grads import layer_groups_of
 from pivotal.reweight import DirectWeightsState, Reweighter, lookahead, meta_objective
+
+#: ``make_meta_step(meta_gradient=...)``: the exact Eq. 3 / S4 gradient, or its first-order
+#: approximation (see :func:`first_order_forward`).
+META_GRADIENTS = ("exact", "first_order")
 
 PyTree = Any
 
@@ -56,6 +61,8 @@ def make_meta_step(
     has_state: bool = False,
     jit: bool = True,
     check_index: bool = True,
+    meta_gradient: str = "exact",
+    meta_layer: Optional[str] = None,
 ) -> MetaTrainer:
     """Build the meta re-weighting trainer.
 
@@ -75,6 +82,13 @@ def make_meta_step(
       jit: compile ``step``/``plain_step`` with ``jax.jit`` (one trace per input shape).
       check_index: check ``batch["index"]`` on the host before each ``step`` (see below);
         ``False`` skips it (for a caller that has validated its indices, or for timing it).
+      meta_gradient: ``"exact"`` (default): the weight gradient of Eq. 3 through the lookahead
+        (second order). ``"first_order"``: the approximation of :func:`first_order_forward`
+        (the meta gradient at ``theta`` instead of ``theta_hat``, inner products restricted to
+        the layer ``meta_layer``), about one plain step's cost; the real update is unchanged.
+      meta_layer: with ``"first_order"``, the layer (a name of :func:`pivotal.layer_groups_of`,
+        e.g. ``"head"``) whose gradients enter the inner products; None = the last layer
+        in ``layer_groups_of(params)`` order (for Flax modules, alphabetical: name it).
 
     ``step`` checks, before it runs, that ``batch["index"]`` lies in ``[0, num_examples)`` when
     the rule keeps per-example weights (``ValueError`` naming ``batch['index']``; host indices
@@ -90,6 +104,9 @@ def make_meta_step(
     if not callable(learning_rate):
         check_real(learning_rate, "learning_rate")
     meta_batch_size = check_int(meta_batch_size, "meta_batch_size", allow_none=True)
+    check_choice(meta_gradient, "meta_gradient", META_GRADIENTS)
+    if meta_layer is not None and not isinstance(meta_layer, str):
+        raise TypeError(f"meta_layer must be a layer name (str) or None; got {type(meta_layer)}")
     opt = optimizer if optimizer is not None else optax.sgd(1.0)
     schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
@@ -127,10 +144,16 @@ def make_meta_step(
         meta_batch = jax.tree_util.tree_map(lambda a: a[picks], meta_set)
 
         lr = jnp.asarray(schedule(state.step))
-        losses, vjp_fn, new_model_state = forward(state.params, state.model_state, batch)
-        check_losses(losses, batch_size)
-        objective = meta_objective(meta_losses_fn(state.model_state), state.params, vjp_fn,
-                                   meta_batch, lr, opt, state.opt_state)
+        if meta_gradient == "first_order":
+            losses, vjp_fn, new_model_state, objective = first_order_forward(
+                loss_fn, state.params, state.model_state, batch, meta_batch, lr,
+                has_state=has_state, meta_layer=meta_layer)
+            check_losses(losses, batch_size)
+        else:
+            losses, vjp_fn, new_model_state = forward(state.params, state.model_state, batch)
+            check_losses(losses, batch_size)
+            objective = meta_objective(meta_losses_fn(state.model_state), state.params, vjp_fn,
+                                       meta_batch, lr, opt, state.opt_state)
         out, rule_state = rule.update(state.rule_state, batch["index"], losses, objective)
         (grads,) = vjp_fn(out.coeffs.astype(losses.dtype))
         params, opt_state = lookahead(state.params, grads, lr, opt, state.opt_state)
@@ -173,6 +196,76 @@ def make_meta_step(
         return compiled_step(state, batch, meta_set, key)
 
     return MetaTrainer(init, checked_step, plain_step)
+
+
+def _layer_leaves(params, meta_layer: Optional[str]) -> list[int]:
+    groups = layer_groups_of(params)
+    if meta_layer is None:
+        return groups[list(groups)[-1]]
+    if meta_layer not in groups:
+        raise ValueError(f"meta_layer must name a layer of params ({sorted(groups)}); got {meta_layer!r}")
+    return groups[meta_layer]
+
+
+def first_order_forward(loss_fn, params, model_state, batch, meta_batch, learning_rate, *,
+                        has_state=False, meta_layer=None):
+    r"""One forward pass giving the losses, their pullback and a first-order meta objective.
+
+    An approximation of Eq. 3 / S4. The exact SGD weight gradient is
+    ``d meta / d w_j = -(alpha/B) <grad f_meta(theta_hat), grad f_j(theta)>``; here the meta
+    gradient is taken at ``theta`` instead of the lookahead ``theta_hat`` (first order in
+    ``alpha``, as SAMA, NeurIPS 2023, drops the second-order term) and both gradients are
+    restricted to one layer ``L`` (``meta_layer``, by default the last, as FaMUS's layer-wise
+    approximation, CVPR 2021, and RBC's last-layer features):
+
+    .. math::
+        \mathrm{objective}(c) = \bar f_{meta}(\theta) - \alpha \sum_j c_j\, d_j,\qquad
+        d_j = \langle \nabla_L \bar f_{meta}(\theta), \nabla_L f_j(\theta) \rangle
+
+    so ``d objective / d w_j = -(alpha/B) d_j`` for ``c_j = w_j / B``. The value is the
+    linearised meta loss at the SGD lookahead. The step's optimizer (momentum, Adam) is
+    ignored inside the weight gradient (the plain SGD form of Eq. S4); the real update
+    still uses it. ``d_j`` for every ``j`` is a forward-mode derivative in the direction of
+    the meta gradient that starts at layer ``L`` (``jax.jvp`` w.r.t. ``L``'s leaves only),
+    riding on the training forward pass; ``nabla_L f_meta`` costs a forward of the meta
+    batch and a backward down to ``L``. No second-order pass, no lookahead forward.
+
+    Returns ``(losses (B,), vjp_fn, new_model_state, objective)``.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    picked = _layer_leaves(params, meta_layer)
+
+    def with_layer(tree_leaves, layer):
+        merged = list(tree_leaves)
+        for i, leaf in zip(picked, layer):
+            merged[i] = leaf
+        return treedef.unflatten(merged)
+
+    def losses_of(p, b):
+        return loss_fn(p, model_state, b)[0] if has_state else loss_fn(p, b)
+
+    layer = [leaves[i] for i in picked]
+    meta_value, meta_grad = jax.value_and_grad(
+        lambda lay: jnp.mean(losses_of(with_layer(leaves, lay), meta_batch)))(layer)
+
+    def train(p):
+        p_leaves = treedef.flatten_up_to(p)
+        if has_state:
+            (losses, new_state), (tangent, _) = jax.jvp(
+                lambda lay: loss_fn(with_layer(p_leaves, lay), model_state, batch),
+                ([p_leaves[i] for i in picked],), (meta_grad,))
+        else:
+            losses, tangent = jax.jvp(lambda lay: loss_fn(with_layer(p_leaves, lay), batch),
+                                      ([p_leaves[i] for i in picked],), (meta_grad,))
+            new_state = model_state
+        return losses, (jax.lax.stop_gradient(tangent), new_state)
+
+    losses, vjp_fn, (inner, new_model_state) = jax.vjp(train, params, has_aux=True)
+
+    def objective(coeffs):
+        return meta_value - learning_rate * jnp.dot(coeffs, inner.astype(coeffs.dtype))
+
+    return losses, vjp_fn, new_model_state, objective
 
 
 def _check_batch(batch) -> int:
