@@ -282,6 +282,16 @@ class Checkpointer:
         """``{epoch: (params, model_state)}``; each entry is read from disk when accessed."""
         return _Snapshots(self.directory / _SNAPSHOT_DIR)
 
+    def drop_snapshots(self, epochs) -> None:
+        """Deletes the snapshots of ``epochs`` (those not on disk are ignored): a run that
+        keeps a rolling set (:func:`pivotal.history.snapshots_to_keep`) drops the rest."""
+        gone = sorted(set(int(e) for e in epochs) & set(_steps(self.directory / _SNAPSHOT_DIR)))
+        if gone:
+            manager = self._snapshots_manager()
+            manager.reload()
+            for e in gone:
+                manager.delete(e)
+
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 

@@ -72,6 +72,9 @@ class ExperimentConfig:
     ta_vaal_steps: int = 400  # VAE/discriminator steps (the loss ranker gets 3/4 of them)
     chunk_size: int = 512
     diagnostics: bool = False  # rbc rows also report Theorem 1's D_j and Theorem 2's counts
+    # Bound (GB = 1e9 bytes) on the (N, D) float32 selection features: exact in memory when they
+    # fit, else sketched, else on disk (experiments.selection.choose_feature_mode).
+    feature_memory_gb: float = 4.0
 
     @property
     def label_aware(self) -> bool:
@@ -87,12 +90,12 @@ class ExperimentConfig:
         def name(field: str) -> str:
             return field if flags is None else flags.get(field, field)
 
-        for field in ("rate", "imbalance", "lr", "weight_lr"):
+        for field in ("rate", "imbalance", "lr", "weight_lr", "feature_memory_gb"):
             value = getattr(self, field)
             if value is not None and not (isinstance(value, numbers.Real)
                                           and math.isfinite(value)):
                 raise ValueError(f"{name(field)} must be a finite number, got {value}")
-        for field in ("lr", "weight_lr"):
+        for field in ("lr", "weight_lr", "feature_memory_gb"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"{name(field)} must be positive, got {getattr(self, field)}")
         if self.noise not in NOISES:
@@ -150,13 +153,16 @@ class ExperimentConfig:
 # Fields that do not change the warm-up run: configs differing only in these share it.
 SELECTION_ONLY_FIELDS = ("budget", "rounds", "epochs", "num_snapshots", "gbc_layers",
                          "gbc_chunk_size", "exclude_fraction", "kmeans_iters", "finetune_epochs",
-                         "ta_vaal_steps", "chunk_size", "diagnostics")
+                         "ta_vaal_steps", "chunk_size", "diagnostics", "feature_memory_gb")
 
 
 def warmup_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` with the fields that only matter after the warm-up reset to their defaults."""
     defaults = {f.name: f.default for f in dataclasses.fields(ExperimentConfig)}
-    return dataclasses.replace(cfg, **{name: defaults[name] for name in SELECTION_ONLY_FIELDS})
+    # With snapshot_every the warm-up keeps only the snapshots K needs (snapshots_to_keep).
+    fields = [name for name in SELECTION_ONLY_FIELDS
+              if not (name == "num_snapshots" and cfg.snapshot_every is not None)]
+    return dataclasses.replace(cfg, **{name: defaults[name] for name in fields})
 
 
 def config_id(cfg: ExperimentConfig) -> str:

@@ -47,6 +47,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, help="learning rate of the model's SGD")
     p.add_argument("--weight-lr", type=float, help="learning rate of the per-example weights")
     p.add_argument("--mesh", help="shard the example axis over devices, e.g. data=4")
+    p.add_argument("--feature-memory-gb", type=float,
+                   help="memory for the (N, D) float32 selection features (default 4): exact "
+                        "when they fit, else sketched, else on disk")
     p.add_argument("--out", default="results", help="output directory (default: results)")
     distributed.add_arguments(p)
     return p.parse_args(argv)
@@ -68,7 +71,8 @@ FIELD_FLAGS = {"dataset": "--dataset", "data_dir": "--data-dir", "noise": "--noi
                "imbalance": "--imbalance", "model": "--model", "budget": "--budget",
                "warmup": "--warmup", "rounds": "--rounds", "lr": "--lr",
                "weight_lr": "--weight-lr", "epochs": "--epochs", "warmup_epochs": "--epochs",
-               "finetune_epochs": "--epochs", "mesh": "--mesh", "train_size": "--train-size"}
+               "finetune_epochs": "--epochs", "mesh": "--mesh", "train_size": "--train-size",
+               "feature_memory_gb": "--feature-memory-gb"}
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -117,7 +121,8 @@ def resolve(args: argparse.Namespace):
                          noise_file=args.noise_file, noise_file_key=args.noise_key,
                          model=args.model, budget=args.budget, warmup=args.warmup,
                          rounds=args.rounds, lr=args.lr, weight_lr=args.weight_lr,
-                         epochs=epochs, mesh=mesh, warmup_epochs=epochs, finetune_epochs=epochs)
+                         epochs=epochs, mesh=mesh, warmup_epochs=epochs, finetune_epochs=epochs,
+                         feature_memory_gb=args.feature_memory_gb)
     if cfg.dataset not in dataset_names():
         raise ValueError(f"--dataset must be one of {list(dataset_names())}, got {cfg.dataset!r}")
     if cfg.model not in MODELS:

@@ -25,6 +25,7 @@ import optax
 from tqdm.auto import tqdm
 
 import pivotal
+from pivotal.history import snapshots_to_keep
 from experiments import checkpoint, models
 from experiments.config import RULES, ExperimentConfig, config_mesh
 from experiments.datasets import augment_cifar
@@ -208,13 +209,24 @@ def evaluate(model: Model, problem: Problem, state, best, track: dict, epoch: in
 
 def save_epoch(manager: checkpoint.Checkpointer, state, best, track: dict, epoch: int,
                epochs: int, keep_snapshots: bool, cfg: ExperimentConfig) -> None:
-    """The checkpoint after ``epoch``; with ``keep_snapshots`` its parameters as a snapshot."""
-    # Every ``snapshot_every``-th epoch, and always the last one (a run shorter
-    # than ``snapshot_every`` still has a snapshot to select from).
-    if keep_snapshots and (cfg.snapshot_every is None or epoch == epochs - 1
-                           or (epoch + 1) % cfg.snapshot_every == 0):
+    """The checkpoint after ``epoch``; with ``keep_snapshots`` its parameters as a snapshot.
+
+    ``snapshot_every`` None: every epoch's snapshot is kept. Otherwise the rolling set of
+    :func:`pivotal.history.snapshots_to_keep` (at most ``2 K`` on disk): the snapshot is saved
+    when the set holds ``epoch``, and the snapshots the set no longer holds are dropped after
+    the checkpoint, so a run killed in between resumes with a superset.
+    """
+    if keep_snapshots and cfg.snapshot_every is None:
         manager.save_snapshot(epoch, state.params, state.model_state)
+    keep = None
+    if keep_snapshots and cfg.snapshot_every is not None:
+        keep = snapshots_to_keep(epochs, int(track["best_epoch"]), epoch, cfg.num_snapshots,
+                                 cfg.snapshot_every)
+        if epoch in keep:
+            manager.save_snapshot(epoch, state.params, state.model_state)
     manager.save(epoch + 1, {"state": state, "best": best, "track": track})
+    if keep is not None:
+        manager.drop_snapshots(set(manager.snapshots()) - set(int(e) for e in keep))
 
 
 def train_meta(

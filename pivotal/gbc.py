@@ -10,7 +10,9 @@
 4. the feature pass: per-example gradients of the drawn leaves only, chunk by chunk into a
    preallocated ``(N, D)`` output.
 
-:func:`make_gbc_feature_fn` wraps it for :func:`pivotal.history_features`.
+:func:`gbc_layer_draw` runs steps 1-3 alone (what would be drawn, and the width ``D``, before any
+per-example gradient); :func:`gbc_block_widths` gives the blocks' widths under any sketch.
+:func:`make_gbc_feature_fn` wraps :func:`gbc_features` for :func:`pivotal.history_features`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from pivotal._placement import num_shards, per_shard
 from pivotal._rows import chunk_starts, chunked_rows, placed, slice_rows, write_rows, zeros_rows
 from pivotal.grads import STRATEGIES, layer_groups_of, map_examples, single_example_loss
 
-__all__ = ["RECOMMENDED_IMPORTANCE_CHUNK_SIZE", "GBCInfo", "gbc_features", "make_gbc_feature_fn"]
+__all__ = ["RECOMMENDED_IMPORTANCE_CHUNK_SIZE", "GBCInfo", "gbc_block_widths", "gbc_features", "gbc_layer_draw",
+           "leaf_sketch_widths", "make_gbc_feature_fn"]
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -413,16 +416,7 @@ def gbc_features(
         importance_chunk_size = max(chunk_size, RECOMMENDED_IMPORTANCE_CHUNK_SIZE)
     importance, probs = _layer_probabilities(loss_fn, params, batch, key, groups, n, importance_chunk_size,
                                              importance_sample_size)
-
-    # Sampling on log p sends p = 0 to -inf, so zero-importance layers are never drawn.
-    with np.errstate(divide="ignore"):
-        log_p = jnp.asarray(np.log(probs), dtype=jnp.float32)
-    draws = np.asarray(jax.random.categorical(key, log_p, shape=(num_layers,)))
-    if merge_repeats:
-        block_layers, counts = np.unique(draws, return_counts=True)
-    else:
-        block_layers, counts = draws, np.ones_like(draws)
-    scales = np.sqrt(counts / (num_layers * probs[block_layers]))
+    draws, block_layers, counts, scales = _draw_blocks(probs, key, num_layers, merge_repeats)
 
     leaves = jax.tree_util.tree_leaves(params)
     leaf_ids, leaf_scales, block_sizes = _column_plan(groups, leaves, block_layers, scales, sketch_dim)
@@ -437,8 +431,27 @@ def gbc_features(
     )
     if not return_info:
         return features
+    return features, _info(groups, importance, probs, draws, block_layers, counts, scales, block_sizes)
+
+
+def _draw_blocks(probs, key, num_layers, merge_repeats):
+    """Step 2: ``(draws, block_layers, counts, scales)``, the ``R`` layer draws from ``p`` and the
+    blocks they make (repeats merged, or one block per draw), each scaled by ``sqrt(c_l / (R p_l))``."""
+    # Sampling on log p sends p = 0 to -inf, so zero-importance layers are never drawn.
+    with np.errstate(divide="ignore"):
+        log_p = jnp.asarray(np.log(probs), dtype=jnp.float32)
+    draws = np.asarray(jax.random.categorical(key, log_p, shape=(num_layers,)))
+    if merge_repeats:
+        block_layers, counts = np.unique(draws, return_counts=True)
+    else:
+        block_layers, counts = draws, np.ones_like(draws)
+    scales = np.sqrt(counts / (num_layers * probs[block_layers]))
+    return draws, block_layers, counts, scales
+
+
+def _info(groups, importance, probs, draws, block_layers, counts, scales, block_sizes) -> "GBCInfo":
     names = tuple(groups)
-    info = GBCInfo(
+    return GBCInfo(
         layer_names=names,
         importance=importance,
         probabilities=probs,
@@ -448,7 +461,69 @@ def gbc_features(
         scales=np.asarray(scales),
         block_sizes=np.asarray(block_sizes),
     )
-    return features, info
+
+
+def gbc_layer_draw(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    key: jax.Array,
+    *,
+    num_layers: int = 5,
+    chunk_size: int | None = None,
+    layer_groups=None,
+    merge_repeats: bool = True,
+    importance_chunk_size: int | None = None,
+    importance_sample_size: int | None = None,
+    sketch_dim: int | tuple[int, int] | None = None,
+) -> GBCInfo:
+    """Steps 1-3 of :func:`gbc_features` without the feature pass: what it would draw.
+
+    Returns the :class:`GBCInfo` that ``gbc_features(..., return_info=True)`` returns for the
+    same arguments (same importances, same layer draw from ``key``, same ``block_sizes``), at the
+    cost of the importance pass alone (one backward pass of the summed loss per chunk, no
+    per-example gradient). ``D = info.block_sizes.sum()`` is the width of the features, known
+    before they are formed, e.g. to decide whether ``(N, D)`` fits in memory;
+    :func:`gbc_block_widths` gives the widths of the same blocks under other ``sketch_dim``.
+    ``chunk_size`` only sets the default ``importance_chunk_size``, as in :func:`gbc_features`.
+    """
+    sketch_dim, n, groups = _check_gbc_args(
+        loss_fn, params, batch, key, num_layers=num_layers, chunk_size=chunk_size, layer_groups=layer_groups,
+        strategy="vmap", importance_chunk_size=importance_chunk_size,
+        importance_sample_size=importance_sample_size, sketch_dim=sketch_dim, sketch_key=None)
+    batch = jax.tree_util.tree_map(jnp.asarray, batch)
+    if importance_chunk_size is None and chunk_size is not None:
+        importance_chunk_size = max(chunk_size, RECOMMENDED_IMPORTANCE_CHUNK_SIZE)
+    importance, probs = _layer_probabilities(loss_fn, params, batch, key, groups, n, importance_chunk_size,
+                                             importance_sample_size)
+    draws, block_layers, counts, scales = _draw_blocks(probs, key, num_layers, merge_repeats)
+    leaves = jax.tree_util.tree_leaves(params)
+    _, _, block_sizes = _column_plan(groups, leaves, block_layers, scales, sketch_dim)
+    return _info(groups, importance, probs, draws, block_layers, counts, scales, block_sizes)
+
+
+def leaf_sketch_widths(shape: Sequence[int], sketch_dim) -> tuple[int, int]:
+    """``(k_a, k_b)``: the widths a leaf of ``shape`` (viewed as an ``(a, b)`` matrix, its last
+    axis against the others) gets from :func:`gbc_features`' ``sketch_dim`` (None: ``(a, b)``,
+    exact); ``k_a k_b`` columns. E.g. ``(784, 256)`` with ``k = 256``: ``(16, 16)``."""
+    return _leaf_widths(tuple(int(d) for d in shape), _check_sketch_dim(sketch_dim))
+
+
+def gbc_block_widths(params: PyTree, blocks: Sequence[str], *, sketch_dim=None, layer_groups=None) -> np.ndarray:
+    """``(B,)`` columns of each named layer block (e.g. ``GBCInfo.blocks``) of GBC features.
+
+    A block has one column per parameter of its layer (``sketch_dim=None``), or per leaf the
+    sketched widths ``k_a k_b`` of :func:`gbc_features`' ``sketch_dim`` (an int ``k``: at most
+    ``k`` per leaf; a pair ``(k_a, k_b)``). Shapes only: nothing is computed on the device.
+    """
+    sketch_dim = _check_sketch_dim(sketch_dim)
+    groups = layer_groups_of(params, layer_groups)
+    unknown = [b for b in blocks if b not in groups]
+    if unknown:
+        raise ValueError(f"blocks must name layers of params ({list(groups)}); got unknown {unknown}")
+    leaves = jax.tree_util.tree_leaves(params)
+    return np.array([sum(math.prod(_leaf_widths(np.shape(leaves[i]), sketch_dim)) for i in groups[b]) for b in blocks],
+                    dtype=np.int64)
 
 
 def _check_gbc_args(loss_fn, params, batch, key, *, num_layers, chunk_size, layer_groups, strategy,

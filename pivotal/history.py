@@ -2,6 +2,9 @@
 
 * :func:`sample_snapshot_epochs`: the snapshots, drawn uniformly from the epochs after the
   best-validation epoch ``t*``.
+* :func:`spaced_snapshot_epochs`: the deterministic alternative for long runs that keep only
+  a few snapshots (the paper's "every 20 epochs after t*"), and :func:`snapshots_to_keep`, the
+  rolling set a run keeps on disk so that those epochs exist whatever ``t*`` turns out to be.
 * :func:`history_features`: ``G_j = [F(theta_{t_1})_j, ..., F(theta_{t_K})_j]`` for any
   ``feature_fn(params, key)``, e.g. :func:`pivotal.rbc.make_rbc_feature_fn` or
   :func:`pivotal.gbc.make_gbc_feature_fn`.
@@ -19,7 +22,8 @@ import numpy as np
 
 from pivotal._checks import check_int, check_key
 
-__all__ = ["history_features", "sample_snapshot_epochs"]
+__all__ = ["history_features", "sample_snapshot_epochs", "snapshot_key", "snapshots_to_keep",
+           "spaced_snapshot_epochs"]
 
 PyTree = Any
 
@@ -81,6 +85,78 @@ def sample_snapshot_epochs(
         return candidates.astype(np.int64)
     chosen = np.asarray(jax.random.choice(key, candidates.size, shape=(num_snapshots,), replace=False))
     return np.sort(candidates[chosen]).astype(np.int64)
+
+
+def _check_rule_args(num_epochs, best_epoch, num_snapshots, every) -> None:
+    check_int(num_epochs, "num_epochs")
+    check_int(best_epoch, "best_epoch", low=0)
+    if best_epoch >= num_epochs:
+        raise ValueError(f"best_epoch must lie in [0, num_epochs - 1 = {num_epochs - 1}]; got {best_epoch}")
+    check_int(num_snapshots, "num_snapshots")
+    check_int(every, "every")
+
+
+def spaced_snapshot_epochs(num_epochs: int, best_epoch: int, num_snapshots: int, every: int) -> np.ndarray:
+    r"""The ``K`` snapshot epochs of a run of ``T`` epochs with best-validation epoch ``t*``,
+    spaced at most ``every`` apart (paper Alg. 3 with its "every 20 epochs after t*").
+
+    Epochs are 0-based; ``a = T - 1 - t*`` epochs follow ``t*``.
+
+    * ``a >= K``: ``t* + d, t* + 2d, ..., t* + K d`` with ``d = min(every, floor(a / K))``:
+      the paper's grid when the run is long enough after ``t*`` (``a >= K every``), else the
+      same ``K`` epochs squeezed evenly into what follows ``t*``. ``K`` distinct epochs, all
+      after ``t*`` and ``<= T - 1``.
+    * ``a < K``: the last ``min(K, T)`` epochs of the run, ``max(0, T - K) .. T - 1``: every
+      epoch after ``t*``, ``t*`` itself, then the epochs before it nearest first. (``a = K - 1``
+      still gives ``K`` epochs at or after ``t*``.)
+
+    Deterministic: no key. :func:`snapshots_to_keep` is what a run must keep on disk for it.
+
+    Returns:
+      ``(min(K, T),)`` sorted int64 epochs.
+    """
+    _check_rule_args(num_epochs, best_epoch, num_snapshots, every)
+    after = num_epochs - 1 - best_epoch
+    if after >= num_snapshots:
+        step = min(every, after // num_snapshots)
+        return best_epoch + step * np.arange(1, num_snapshots + 1, dtype=np.int64)
+    return np.arange(max(0, num_epochs - num_snapshots), num_epochs, dtype=np.int64)
+
+
+def snapshots_to_keep(num_epochs: int, best_epoch: int, epoch: int, num_snapshots: int, every: int) -> np.ndarray:
+    r"""The snapshots a run of ``T`` epochs keeps on disk after ``epoch``, when its best
+    validation so far was at ``best_epoch <= epoch``: those that
+    :func:`spaced_snapshot_epochs` may still ask for.
+
+    ``(spaced_snapshot_epochs(T, best_epoch, K, every) \cup \{T - K, ..., T - 1\}) \cap [0, epoch]``.
+
+    Why this suffices: with ``t*`` the final best epoch (the first maximum, as the run keeps
+    it), at every epoch ``x >= t*`` the best so far is ``t*``, so each of ``t*``'s spaced epochs
+    after ``t*`` is kept when it is trained and stays kept; its epochs before ``t*`` (only when
+    fewer than ``K`` follow it) lie in the last ``K`` epochs, which are always kept. Each new
+    best replaces the previous best's epochs, so at most ``2K`` snapshots are on disk at once
+    (``K`` for the best so far, ``K`` for the end of the run).
+
+    Returns:
+      sorted int64 epochs ``<= epoch``.
+    """
+    _check_rule_args(num_epochs, best_epoch, num_snapshots, every)
+    check_int(epoch, "epoch", low=best_epoch)
+    if epoch >= num_epochs:
+        raise ValueError(f"epoch must lie in [best_epoch, num_epochs - 1 = {num_epochs - 1}]; got {epoch}")
+    tail = np.arange(max(0, num_epochs - num_snapshots), num_epochs, dtype=np.int64)
+    keep = np.union1d(spaced_snapshot_epochs(num_epochs, best_epoch, num_snapshots, every), tail)
+    return keep[keep <= epoch]
+
+
+def snapshot_key(key: jax.Array, epoch: int) -> jax.Array:
+    """The key :func:`history_features` (called with ``key``) gives snapshot ``epoch``'s
+    ``feature_fn``: ``fold_in(k_base, epoch)`` with ``k_epochs, k_base = split(key)``; the
+    epoch draw of :func:`sample_snapshot_epochs` there uses ``k_epochs``. E.g. to predict what
+    a GBC ``feature_fn`` will draw (:func:`pivotal.gbc.gbc_layer_draw`) before forming it."""
+    check_key(key)
+    check_int(epoch, "epoch", low=0)
+    return jax.random.fold_in(jax.random.split(key)[1], int(epoch))
 
 
 def history_features(
@@ -157,7 +233,7 @@ def history_features(
     blocks = []
     n_rows = None
     for epoch in chosen:
-        block = feature_fn(snapshots[int(epoch)], jax.random.fold_in(key_features, int(epoch)))
+        block = feature_fn(snapshots[int(epoch)], jax.random.fold_in(key_features, int(epoch)))  # = snapshot_key
         if jnp.ndim(block) != 2:
             raise ValueError(f"feature_fn must return (N, D); got shape {jnp.shape(block)} for epoch {int(epoch)}")
         if n_rows is not None and block.shape[0] != n_rows:
