@@ -12,6 +12,7 @@ the figures of a run (:func:`write_plots`, what the command line writes under ``
 - :func:`plot_tsne`: the paper's Figure 4, a t-SNE of the per-example RBC features and the
   K-means centroids under the sign-invariant distance ``1 - |cos|``
   (:func:`abs_cosine_distance`), the selected meta examples circled.
+- :func:`plot_scaling`: wall time and peak memory per phase vs training-set size, log-log.
 
 :func:`write_plots` draws ``OUT/methods.png`` and the preset's figure; :func:`write_fig1` and
 :func:`write_fig4` first recompute what their figure needs (seed 0's final models, the RBC
@@ -538,6 +539,39 @@ def _scatter_by_label(fig, ax, ex: np.ndarray, sub_labels, classes) -> None:
         sc = ax.scatter(ex[:, 0], ex[:, 1], s=6, c=sub_labels, cmap="tab20", alpha=0.7,
                         linewidths=0)
         fig.colorbar(sc, ax=ax, label="label", shrink=0.8)
+
+
+def plot_scaling(series: Mapping[str, Sequence[tuple]], path: str, *, title: str = "") -> str:
+    """Wall time and peak resident memory vs training-set size N, log-log, one line per phase.
+
+    ``series``: ``{label: [(N, seconds, peak GB or None), ...]}``; a grey dotted line of slope
+    1 (time proportional to N) through each panel's smallest-N points marks linear growth.
+    """
+    if not series or any(not points for points in series.values()):
+        raise ValueError("series must map each phase label to a non-empty list of points")
+    for label, points in series.items():
+        for point in points:
+            if len(point) != 3 or not point[0] > 0 or not point[1] >= 0:
+                raise ValueError(f"series[{label!r}] points must be (N > 0, seconds >= 0, "
+                                 f"peak GB), got {point!r}")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, col, ylabel in ((axes[0], 1, "wall time (s)"), (axes[1], 2, "peak RSS (GB)")):
+        firsts = []
+        for label, points in series.items():
+            pts = sorted(p for p in points if p[col] is not None and p[col] > 0)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[col] for p in pts], "o-", label=label)
+                firsts.append(pts[0])
+        if firsts:
+            n0 = min(p[0] for p in firsts)
+            ns = np.array([n0, max(p[0] for pts in series.values() for p in pts)], float)
+            for p in firsts:
+                ax.plot(ns, p[col] * ns / p[0], ":", color="grey", linewidth=0.8)
+        ax.set(xscale="log", yscale="log", xlabel="training examples N", ylabel=ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title or "phases vs N (dotted: proportional to N)")
+    return _save_atomic(fig, path)
 
 
 # ----------------------------------------------------------------------------- a run's figures
