@@ -7,6 +7,11 @@ block's seconds and peak go to the :class:`Recorder` of the innermost :func:`rec
 block. Outside any ``recording`` a phase costs nothing and records nothing, so library code
 that runs a phase without the pipeline around it pays no sampling thread.
 
+From a shell, ``python3 -m experiments.resources [--interval 2] [--json FILE] -- COMMAND ...``
+runs ``COMMAND`` and reports its wall time and the peak RSS of its process tree (how the
+README and docs/RESULTS.md measure whole runs; ``ulimit -v`` would break XLA's address-space
+reservations, so memory is watched, not capped).
+
 A phase that runs several times under one recorder (one per selection round) adds up its
 seconds and keeps the largest peak. Memory is in GB = 1e9 bytes. The sampled peak can miss a
 spike shorter than ``interval``; the kernel's own high-water mark (``VmHWM``) does not, but
@@ -15,14 +20,18 @@ it never goes down, so it cannot tell one phase from the next.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import contextvars
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from typing import Iterator, Optional
 
-__all__ = ["DEFAULT_INTERVAL", "Recorder", "TreeSampler", "phase", "recording",
+__all__ = ["DEFAULT_INTERVAL", "Recorder", "TreeSampler", "measure_command", "phase", "recording",
            "tree_rss_bytes"]
 
 DEFAULT_INTERVAL = 1.0  # seconds between samples: a few ms of /proc reads each
@@ -175,3 +184,47 @@ def phase(name: str, interval: float = DEFAULT_INTERVAL) -> Iterator[None]:
     finally:
         seconds = time.perf_counter() - t0
         recorder.add(name, seconds, sampler.stop())
+
+
+def measure_command(command, interval: float = DEFAULT_INTERVAL) -> dict:
+    """Runs ``command`` (an argv list) to its end while sampling its process tree;
+    ``{"command", "exit_code", "wall_seconds", "peak_rss_gb", "interval", "load_average_before"}``."""
+    load = os.getloadavg()
+    t0 = time.perf_counter()
+    child = subprocess.Popen(list(command))
+    with TreeSampler(child.pid, interval=interval) as sampler:
+        code = child.wait()
+    return {"command": list(command), "exit_code": code,
+            "wall_seconds": round(time.perf_counter() - t0, 3),
+            "peak_rss_gb": None if sampler.peak is None else round(sampler.peak / GB, 3),
+            "interval": interval, "load_average_before": [round(x, 2) for x in load]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python3 -m experiments.resources",
+        description="Run COMMAND; print its wall time and the peak resident memory of its "
+                    "process tree (sampled every --interval seconds).",
+        epilog="example: python3 -m experiments.resources --interval 2 --json fashion.json -- "
+               "python3 -m experiments.run --preset fashion --out results/fashion")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between samples (2)")
+    p.add_argument("--json", help="also write the measurement to this JSON file")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command")
+    args = p.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        p.error("a COMMAND is required after --")
+    if not args.interval > 0:
+        p.error(f"--interval must be > 0 seconds, got {args.interval}")
+    record = measure_command(command, args.interval)
+    print(f"exit {record['exit_code']}: {record['wall_seconds']:.1f} s wall, peak RSS of the "
+          f"process tree {record['peak_rss_gb']} GB (sampled every {args.interval:g} s)",
+          file=sys.stderr)
+    if args.json:
+        from experiments.checkpoint import write_text_atomic  # deferred: Orbax
+        write_text_atomic(args.json, json.dumps(record, indent=1))
+    return record["exit_code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -112,3 +112,29 @@ def test_rows_carry_phase_seconds_and_peaks(tmp_path):
     assert seconds["final_training"] <= rbc["wall_seconds"]
     if LINUX:
         assert all(0.01 < gb < 100 for gb in rbc["phase_peak_rss_gb"].values())
+
+
+@pytest.mark.skipif(not LINUX, reason="needs /proc")
+def test_command_line_measures_a_child_tree_and_passes_its_exit_code(tmp_path):
+    # The child's child holds ~300 MB: the tree's peak must include the grandchild.
+    grandchild = "import time; x = b'x' * 300_000_000; time.sleep(0.6)"
+    child = (f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}]); "
+             "sys.exit(3)")
+    out = tmp_path / "m.json"
+    proc = subprocess.run([sys.executable, "-m", "experiments.resources", "--interval", "0.05",
+                           "--json", str(out), "--", sys.executable, "-c", child],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    record = __import__("json").loads(out.read_text())
+    assert record["exit_code"] == 3 and record["peak_rss_gb"] > 0.28
+    assert record["wall_seconds"] >= 0.6
+    assert "peak RSS of the process tree" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv, message", [(["--"], "a COMMAND is required"),
+                                           (["--interval", "0", "--", "true"], "--interval")])
+def test_command_line_refuses_bad_input(argv, message):
+    proc = subprocess.run([sys.executable, "-m", "experiments.resources", *argv],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert "Traceback" not in proc.stderr
