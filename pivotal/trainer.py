@@ -86,7 +86,7 @@ def make_meta_step(
         (second order). ``"first_order"``: the approximation of :func:`first_order_forward`
         (the meta gradient at ``theta`` instead of ``theta_hat``, inner products restricted to
         the layer ``meta_layer``), about one plain step's cost; the real update is unchanged.
-      meta_layer: with ``"first_order"``, the layer (a name of :func:`pivotal.layer_groups_of`,
+      meta_layer: with ``"first_order"``, the layer (a name of :func:`pivotal.grads.layer_groups_of`,
         e.g. ``"head"``) whose gradients enter the inner products; None = the last layer
         in ``layer_groups_of(params)`` order (for Flax modules, alphabetical: name it).
 

@@ -48,6 +48,7 @@ def test_s2_objective_is_method_independent_for_the_same_partition():
     assert one["reassigned"] >= one["partition"] - 1e-6
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_keys_and_table(tmp_path):
     # Everything except the subprocess scaling section (tested below) at smoke-test sizes.
     sections = ("meta_step", "features", "kmeans", "throughput")

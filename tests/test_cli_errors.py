@@ -198,6 +198,7 @@ def test_a_diverging_run_ends_in_one_line_and_writes_no_row(capsys, tmp_path):
     assert not (tmp_path / "results.jsonl").exists() and not (tmp_path / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_snapshot_fallback_warns_once_per_run(recwarn, tmp_path):
     # Smoke: 3 warm-up epochs, 2 snapshots asked: few epochs follow the best one.
     assert run.main(SMOKE + ["--methods", "rbc-k,rbc,gbc", "--out", str(tmp_path)]) == 0

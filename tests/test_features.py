@@ -398,6 +398,7 @@ def test_gbc_subsampled_importance(x64):
         per_example_grads(ce_loss, params, batch, strategy="loop")
 
 
+@pytest.mark.slow
 def test_gbc_subsampled_importance_gram_still_unbiased(x64):
     # Conditionally on the estimated p the layer draw and the 1/sqrt(R p) scaling use the
     # same p, so E[G G^T | p] is the full Gram matrix; averaged over keys (each with its
@@ -467,6 +468,7 @@ def test_gbc_sketch_default_unchanged(x64):
             np.testing.assert_array_equal(info_wide.block_sizes, info_ref.block_sizes)
 
 
+@pytest.mark.slow
 def test_gbc_sketch_is_unbiased_for_fixed_layer_draw(x64):
     # The layer draw is fixed (same `key`); only the sketch key varies. The mean over K = 200
     # sketch keys of the sketched Gram matrix S S^T converges to the exact GBC Gram G G^T: its
@@ -503,6 +505,7 @@ def test_gbc_sketch_is_unbiased_for_fixed_layer_draw(x64):
     assert wrong_err > 0.3, wrong_err
 
 
+@pytest.mark.slow
 def test_gbc_sketch_error_shrinks_with_width(x64):
     # Mean relative inner-product error |<S_i, S_j> - <G_i, G_j>| / (|G_i| |G_j|) over all
     # pairs (i, j) and 50 sketch keys, and the relative RMS (Frobenius) error of one sketch's
@@ -594,6 +597,7 @@ def test_gbc_sketch_bad_arguments():
         got, gbc_features(ce_loss, params, batch, key, sketch_dim=(2, 3), sketch_key=jax.random.PRNGKey(1)))
 
 
+@pytest.mark.slow
 def test_gbc_sketch_deterministic_across_chunks_calls_and_snapshots(x64):
     _, params, batch, ce_loss, lf_loss = make_problem()
     key, sketch_key = jax.random.PRNGKey(5), jax.random.PRNGKey(6)
@@ -656,6 +660,7 @@ def _sharded_sketch_worker() -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_gbc_sketch_sharded_equals_one_device():
     # XLA_FLAGS must be set before jax starts: the comparison runs in a subprocess with 4 CPU
     # devices (this file as a script), as in tests/test_sharding.py.

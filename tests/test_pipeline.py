@@ -127,6 +127,7 @@ def test_resume_after_kill_reproduces_uninterrupted(tmp_path):
         assert clean[key] == resumed[key], key
 
 
+@pytest.mark.slow
 def test_mesh_run_matches_single_device(tmp_path):
     """``--mesh data=4`` on 4 simulated CPU devices selects and scores like one device."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
@@ -142,6 +143,7 @@ def test_mesh_run_matches_single_device(tmp_path):
     assert abs(one["test_accuracy"] - four["test_accuracy"]) <= 0.01
 
 
+@pytest.mark.slow
 def test_sweep_shares_the_warmup_and_records_rounds_and_theorems(tmp_path):
     import dataclasses
 
@@ -170,6 +172,7 @@ def test_sweep_shares_the_warmup_and_records_rounds_and_theorems(tmp_path):
     assert "| rbc | 2 meta" not in table and "meta |" in table  # the per-round table
 
 
+@pytest.mark.slow
 def test_without_warmup_selects_the_whole_budget(tmp_path):
     import dataclasses
 
@@ -185,6 +188,7 @@ def test_without_warmup_selects_the_whole_budget(tmp_path):
         pipeline.run_method("ta-vaal", problem, model, cfg, 0, str(tmp_path / "w"), warm)
 
 
+@pytest.mark.slow
 def test_short_kmeans_selection_is_topped_up_to_the_count(tmp_path, monkeypatch):
     """Empty clusters make select_meta_samples return fewer than asked; select() tops up."""
     import dataclasses
@@ -222,6 +226,7 @@ def test_short_kmeans_selection_is_topped_up_to_the_count(tmp_path, monkeypatch)
     assert picked[0] == plain[0]
 
 
+@pytest.mark.slow
 def test_inspect_collapse_restores_every_finished_run(smoke_rows, capsys):
     from experiments import inspect_collapse
 

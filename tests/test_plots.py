@@ -80,6 +80,7 @@ def test_fig1_preset_validates():
     assert PRESETS["default"].plot is None and PRESETS["smoke"].plot is None
 
 
+@pytest.mark.slow
 def test_fig1_quick_run_writes_figures(tmp_path):
     out = str(tmp_path)
     argv = ["--preset", "fig1", "--seeds", "1", "--epochs", "2", "--methods", "random,rbc"]

@@ -78,6 +78,7 @@ def _rows(out):
         return [json.loads(line) for line in f if line.strip()]
 
 
+@pytest.mark.slow
 def test_mnist_full_preset_starts_on_mock_data(tmp_path):
     # The paper's MNIST settings (LeNet-5, batch 4096, snapshots every 20 epochs) end to end
     # for one epoch on tfds mock data: data_source loading, warm-up, RBC selection, final run.
@@ -93,6 +94,7 @@ def test_mnist_full_preset_starts_on_mock_data(tmp_path):
     assert rows[1]["config"]["batch_size"] == 4096 and rows[1]["snapshot_epochs"] == [[0]]
 
 
+@pytest.mark.slow
 def test_cifar_full_preset_trains_resnet34_on_mock_data():
     # ResNet-34 at the paper's CIFAR settings: one warm-up step of meta re-weighting (with
     # augmentation, weight decay, the step schedule) on tfds mock data.
@@ -129,9 +131,9 @@ def test_mnist_idx_full_is_table1_full():
     assert PRESETS["mnist-idx-full"].minutes is None
 
 
-# mnist-idx-full is table1-full's config (started on tfds mock data above): slow-marked.
+# Both slow-marked: the IDX reader and the splits are tested in test_idx*.py.
 @pytest.mark.parametrize("name, extra, train", [
-    ("fashion", ["--train-size", "60"], 60),
+    pytest.param("fashion", ["--train-size", "60"], 60, marks=pytest.mark.slow),
     pytest.param("mnist-idx-full", [], 80, marks=pytest.mark.slow)])
 def test_idx_presets_start_on_tiny_idx_files(tmp_path, name, extra, train):
     # Each preset's own settings (LeNet-5; batch 4096 and snapshots every 20 epochs for

@@ -28,8 +28,9 @@ def extra_beyond_output(what, n, **flags):
 # stand far above that: a copy of G grows by 137 MiB from 20k to 160k rows (dim 256), GBC's
 # output by 330 MiB from 20k to 80k.
 @pytest.mark.parametrize("what, flags, large_n", [
-    ("gbc", {"chunk": 1024}, 80_000),
-    ("kmeans", {"dim": 256, "clusters": 16, "iters": 5, "block_size": 2048}, 160_000),
+    pytest.param("gbc", {"chunk": 1024}, 80_000, marks=pytest.mark.slow),
+    pytest.param("kmeans", {"dim": 256, "clusters": 16, "iters": 5, "block_size": 2048}, 160_000,
+                 marks=pytest.mark.slow),
 ])
 def test_memory_flat_in_n(what, flags, large_n):
     small = extra_beyond_output(what, 20_000, **flags)

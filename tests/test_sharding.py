@@ -522,6 +522,7 @@ def test_sketch_inner_products():
     assert large < 0.3
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(multiprocess_results):
     """Two processes on localhost (jax.distributed, gloo collectives on CPU), each holding half the
     rows: the same gradients, features, K-means, selection and training steps as one process."""

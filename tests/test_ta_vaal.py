@@ -133,6 +133,7 @@ def test_selection_is_deterministic_per_key(problem, selected):
     np.testing.assert_array_equal(_select(problem, jax.random.key(0)), selected)
 
 
+@pytest.mark.slow
 def test_subpool_limits_candidates_and_pool_losses_path(problem):
     # subpool == budget: the selection is the whole sub-pool; ranker on pool losses only.
     first = _select(problem, jax.random.key(3), subpool=10, labelled_losses=None,
