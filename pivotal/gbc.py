@@ -407,31 +407,21 @@ def gbc_features(
       counts, or with ``sketch_dim`` their sketched widths); ``(features, info)`` with
       ``return_info``.
     """
-    sketch_dim, n, groups = _check_gbc_args(
-        loss_fn, params, batch, key, num_layers=num_layers, chunk_size=chunk_size, layer_groups=layer_groups,
-        strategy=strategy, importance_chunk_size=importance_chunk_size,
-        importance_sample_size=importance_sample_size, sketch_dim=sketch_dim, sketch_key=sketch_key)
-    batch = jax.tree_util.tree_map(jnp.asarray, batch)
-    if importance_chunk_size is None and chunk_size is not None:
-        importance_chunk_size = max(chunk_size, RECOMMENDED_IMPORTANCE_CHUNK_SIZE)
-    importance, probs = _layer_probabilities(loss_fn, params, batch, key, groups, n, importance_chunk_size,
-                                             importance_sample_size)
-    draws, block_layers, counts, scales = _draw_blocks(probs, key, num_layers, merge_repeats)
-
-    leaves = jax.tree_util.tree_leaves(params)
-    leaf_ids, leaf_scales, block_sizes = _column_plan(groups, leaves, block_layers, scales, sketch_dim)
+    p = _plan(loss_fn, params, batch, key, num_layers=num_layers, chunk_size=chunk_size,
+              layer_groups=layer_groups, strategy=strategy, importance_chunk_size=importance_chunk_size,
+              importance_sample_size=importance_sample_size, sketch_dim=sketch_dim, sketch_key=sketch_key,
+              merge_repeats=merge_repeats)
+    batch, sketch_dim, leaves, leaf_ids = p.batch, p.sketch_dim, p.leaves, p.leaf_ids
     dtype = jnp.result_type(*[leaves[i] for i in leaf_ids])
     projections = None
     if sketch_dim is not None:
         sketch_key = jax.random.fold_in(key, 2) if sketch_key is None else sketch_key
         projections = _projections(sketch_key, leaves, leaf_ids, sketch_dim, np.dtype(dtype))
     features = _selected_leaf_features(
-        loss_fn, params, batch, tuple(leaf_ids), jnp.asarray(leaf_scales, dtype=dtype), chunk_size, strategy,
+        loss_fn, params, batch, tuple(leaf_ids), jnp.asarray(p.leaf_scales, dtype=dtype), chunk_size, strategy,
         projections,
     )
-    if not return_info:
-        return features
-    return features, _info(groups, importance, probs, draws, block_layers, counts, scales, block_sizes)
+    return (features, p.info) if return_info else features
 
 
 def _draw_blocks(probs, key, num_layers, merge_repeats):
@@ -487,19 +477,10 @@ def gbc_layer_draw(
     :func:`gbc_block_widths` gives the widths of the same blocks under other ``sketch_dim``.
     ``chunk_size`` only sets the default ``importance_chunk_size``, as in :func:`gbc_features`.
     """
-    sketch_dim, n, groups = _check_gbc_args(
-        loss_fn, params, batch, key, num_layers=num_layers, chunk_size=chunk_size, layer_groups=layer_groups,
-        strategy="vmap", importance_chunk_size=importance_chunk_size,
-        importance_sample_size=importance_sample_size, sketch_dim=sketch_dim, sketch_key=None)
-    batch = jax.tree_util.tree_map(jnp.asarray, batch)
-    if importance_chunk_size is None and chunk_size is not None:
-        importance_chunk_size = max(chunk_size, RECOMMENDED_IMPORTANCE_CHUNK_SIZE)
-    importance, probs = _layer_probabilities(loss_fn, params, batch, key, groups, n, importance_chunk_size,
-                                             importance_sample_size)
-    draws, block_layers, counts, scales = _draw_blocks(probs, key, num_layers, merge_repeats)
-    leaves = jax.tree_util.tree_leaves(params)
-    _, _, block_sizes = _column_plan(groups, leaves, block_layers, scales, sketch_dim)
-    return _info(groups, importance, probs, draws, block_layers, counts, scales, block_sizes)
+    return _plan(loss_fn, params, batch, key, num_layers=num_layers, chunk_size=chunk_size,
+                 layer_groups=layer_groups, strategy="vmap", importance_chunk_size=importance_chunk_size,
+                 importance_sample_size=importance_sample_size, sketch_dim=sketch_dim, sketch_key=None,
+                 merge_repeats=merge_repeats).info
 
 
 def leaf_sketch_widths(shape: Sequence[int], sketch_dim) -> tuple[int, int]:
@@ -524,6 +505,37 @@ def gbc_block_widths(params: PyTree, blocks: Sequence[str], *, sketch_dim=None, 
     leaves = jax.tree_util.tree_leaves(params)
     return np.array([sum(math.prod(_leaf_widths(np.shape(leaves[i]), sketch_dim)) for i in groups[b]) for b in blocks],
                     dtype=np.int64)
+
+
+class _Plan(NamedTuple):
+    """Steps 1-3 of :func:`gbc_features`: the checked inputs, the layer draw, the column plan."""
+
+    batch: PyTree
+    sketch_dim: Any
+    leaves: list
+    leaf_ids: list
+    leaf_scales: Any
+    info: "GBCInfo"
+
+
+def _plan(loss_fn, params, batch, key, *, num_layers, chunk_size, layer_groups, strategy,
+          importance_chunk_size, importance_sample_size, sketch_dim, sketch_key, merge_repeats) -> _Plan:
+    """Checks, the importance pass, the layer draw from ``key`` and the column plan: what
+    :func:`gbc_features` and :func:`gbc_layer_draw` share, so that both draw the same blocks."""
+    sketch_dim, n, groups = _check_gbc_args(
+        loss_fn, params, batch, key, num_layers=num_layers, chunk_size=chunk_size, layer_groups=layer_groups,
+        strategy=strategy, importance_chunk_size=importance_chunk_size,
+        importance_sample_size=importance_sample_size, sketch_dim=sketch_dim, sketch_key=sketch_key)
+    batch = jax.tree_util.tree_map(jnp.asarray, batch)
+    if importance_chunk_size is None and chunk_size is not None:
+        importance_chunk_size = max(chunk_size, RECOMMENDED_IMPORTANCE_CHUNK_SIZE)
+    importance, probs = _layer_probabilities(loss_fn, params, batch, key, groups, n, importance_chunk_size,
+                                             importance_sample_size)
+    draws, block_layers, counts, scales = _draw_blocks(probs, key, num_layers, merge_repeats)
+    leaves = jax.tree_util.tree_leaves(params)
+    leaf_ids, leaf_scales, block_sizes = _column_plan(groups, leaves, block_layers, scales, sketch_dim)
+    info = _info(groups, importance, probs, draws, block_layers, counts, scales, block_sizes)
+    return _Plan(batch, sketch_dim, leaves, leaf_ids, leaf_scales, info)
 
 
 def _check_gbc_args(loss_fn, params, batch, key, *, num_layers, chunk_size, layer_groups, strategy,
