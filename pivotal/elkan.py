@@ -56,6 +56,7 @@ from pivotal.lloyd import (
     cluster_mass,
     converged,
     lloyd_pass,
+    loop_start,
     next_centroids,
     score_block,
     search_directions,
@@ -208,17 +209,9 @@ def elkan_loop(G, norms, seeds, max_iters, tol, *, weighted, block_size, sparse_
         return _ElkanState(C, num, den, count, a, s, num_changed, obj, st.it + 1, done, lower, upper, scale,
                            scored)
 
+    # Lloyd's starting state (the first ten fields) and bounds that fail every test.
     init = _ElkanState(
-        centroids=seeds,
-        num=jnp.zeros((m, dim), dtype),
-        den=jnp.zeros((m,), dtype),
-        count=jnp.zeros((m,), jnp.int32),
-        assign=jnp.full((n,), -1, jnp.int32),
-        signs=jnp.zeros((n,), dtype),
-        num_changed=jnp.asarray(n, jnp.int32),
-        objective=jnp.zeros((), dtype),
-        it=jnp.zeros((), jnp.int32),
-        done=jnp.zeros((), bool),
+        *loop_start(seeds, n, dtype),
         lower=jnp.zeros((n,), dtype),
         upper=jnp.zeros((n, m), dtype),
         scale=jnp.max(row_norms(search_directions(seeds, weighted))),

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from pivotal._rows import block_start, fresh_rows, num_blocks, row_norms
 
-__all__ = ["assign_block", "blocked_cluster_sums", "cluster_mass", "converged", "lloyd_loop", "lloyd_pass",
+__all__ = ["assign_block", "blocked_cluster_sums", "cluster_mass", "converged", "lloyd_loop", "lloyd_pass", "loop_start",
            "member_weights", "next_centroids", "score_block", "search_directions", "sparse_tier_sizes", "sum_updater"]
 
 
@@ -251,6 +251,23 @@ class _LoopState(NamedTuple):
     done: jax.Array
 
 
+def loop_start(seeds, n: int, dtype) -> _LoopState:
+    """The state before the first Lloyd step: no row assigned, empty sums, all ``n`` rows changed."""
+    m, dim = seeds.shape
+    return _LoopState(
+        centroids=seeds,
+        num=jnp.zeros((m, dim), dtype),
+        den=jnp.zeros((m,), dtype),
+        count=jnp.zeros((m,), jnp.int32),
+        assign=jnp.full((n,), -1, jnp.int32),
+        signs=jnp.zeros((n,), dtype),
+        num_changed=jnp.asarray(n, jnp.int32),
+        objective=jnp.zeros((), dtype),
+        it=jnp.zeros((), jnp.int32),
+        done=jnp.zeros((), bool),
+    )
+
+
 def lloyd_loop(G, norms, seeds, max_iters, tol, *, weighted, block_size, sparse_tiers, axis=None):
     """Lloyd steps of Algorithm 1 from ``seeds`` until no row moves, the objective stalls or
     ``max_iters``; returns ``(centroids, assignments, objective, iters, member_counts)``.
@@ -301,18 +318,6 @@ def lloyd_loop(G, norms, seeds, max_iters, tol, *, weighted, block_size, sparse_
         num_changed = jnp.sum((a != st.assign) | (s != st.signs), dtype=jnp.int32)
         return _LoopState(C, num, den, count, a, s, num_changed, obj, st.it + 1, done)
 
-    init = _LoopState(
-        centroids=seeds,
-        num=jnp.zeros((m, dim), dtype),
-        den=jnp.zeros((m,), dtype),
-        count=jnp.zeros((m,), jnp.int32),
-        assign=jnp.full((n,), -1, jnp.int32),
-        signs=jnp.zeros((n,), dtype),
-        num_changed=jnp.asarray(n, jnp.int32),
-        objective=jnp.zeros((), dtype),
-        it=jnp.zeros((), jnp.int32),
-        done=jnp.zeros((), bool),
-    )
-    st = jax.lax.while_loop(cond, body, init)
+    st = jax.lax.while_loop(cond, body, loop_start(seeds, n, dtype))
     members = total(jax.ops.segment_sum(nonzero.astype(jnp.int32), st.assign, m))
     return st.centroids, st.assign, st.objective, st.it, members
