@@ -117,3 +117,19 @@ def fmt_bytes(num: float | None) -> str:
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
+
+
+def mnist5k():
+    """The embedded MNIST-5k splits (the data of the meta-step, feature and throughput sections)."""
+    from experiments.datasets import load_dataset
+
+    return load_dataset("mnist5k", seed=0)
+
+
+def init_model(name: str, input_shape, **kwargs):
+    """``(module, has_state, params, model_state)`` of an experiments-layer model, key 0."""
+    from experiments.models import init_model as init, make_model
+
+    module, has_state = make_model(name, 10, input_shape, **kwargs)
+    params, state = init(module, jax.random.key(0), input_shape)
+    return module, has_state, params, state

@@ -57,6 +57,9 @@ class ExperimentConfig:
     weight_decay: float = 0.0
     lr_milestones: tuple = ()  # epochs at which the learning rate is divided by 10
     rule: str = "direct"  # direct | l2rw | mwn
+    # The weight gradient: "exact" (Eq. 3 through the lookahead) or "first_order" (the
+    # last-layer, taken-at-theta approximation of pivotal.first_order_forward).
+    meta_gradient: str = "exact"
     weight_lr: float = 300.0
     weight_init: Any = "uniform"
     meta_batch_size: Optional[int] = None
@@ -127,6 +130,9 @@ class ExperimentConfig:
                              f"{self.rounds}")
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {sorted(RULES)}, got {self.rule!r}")
+        if self.meta_gradient not in pivotal.META_GRADIENTS:
+            raise ValueError(f"{name('meta_gradient')} must be one of "
+                             f"{list(pivotal.META_GRADIENTS)}, got {self.meta_gradient!r}")
         for field in ("warmup_epochs", "epochs", "batch_size", "num_snapshots", "gbc_layers",
                       "kmeans_iters", "finetune_epochs", "chunk_size", "ta_vaal_steps",
                       "gbc_chunk_size"):

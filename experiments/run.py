@@ -50,6 +50,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--feature-memory-gb", type=float,
                    help="memory for the (N, D) float32 selection features (default 4): exact "
                         "when they fit, else sketched, else on disk")
+    p.add_argument("--meta-gradient", help="weight gradient of the meta step: exact (default, "
+                                           "Eq. 3) or first_order (last layer, at theta)")
     p.add_argument("--out", default="results", help="output directory (default: results)")
     distributed.add_arguments(p)
     return p.parse_args(argv)
@@ -72,7 +74,7 @@ FIELD_FLAGS = {"dataset": "--dataset", "data_dir": "--data-dir", "noise": "--noi
                "warmup": "--warmup", "rounds": "--rounds", "lr": "--lr",
                "weight_lr": "--weight-lr", "epochs": "--epochs", "warmup_epochs": "--epochs",
                "finetune_epochs": "--epochs", "mesh": "--mesh", "train_size": "--train-size",
-               "feature_memory_gb": "--feature-memory-gb"}
+               "feature_memory_gb": "--feature-memory-gb", "meta_gradient": "--meta-gradient"}
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -122,7 +124,8 @@ def resolve(args: argparse.Namespace):
                          model=args.model, budget=args.budget, warmup=args.warmup,
                          rounds=args.rounds, lr=args.lr, weight_lr=args.weight_lr,
                          epochs=epochs, mesh=mesh, warmup_epochs=epochs, finetune_epochs=epochs,
-                         feature_memory_gb=args.feature_memory_gb)
+                         feature_memory_gb=args.feature_memory_gb,
+                         meta_gradient=args.meta_gradient)
     if cfg.dataset not in dataset_names():
         raise ValueError(f"--dataset must be one of {list(dataset_names())}, got {cfg.dataset!r}")
     if cfg.model not in MODELS:

@@ -98,12 +98,14 @@ def _schedule(cfg: ExperimentConfig, steps_per_epoch: int):
 
 def _trainer(model: Model, rule, cfg: ExperimentConfig, steps_per_epoch: int):
     key = (rule.name, cfg.weight_lr, str(cfg.weight_init), cfg.lr, cfg.momentum, cfg.nesterov,
-           cfg.weight_decay, tuple(cfg.lr_milestones), cfg.meta_batch_size, steps_per_epoch)
+           cfg.weight_decay, tuple(cfg.lr_milestones), cfg.meta_batch_size, steps_per_epoch,
+           cfg.meta_gradient)
     if key not in model.trainers:
         model.trainers[key] = pivotal.make_meta_step(
             model.loss_fn, rule, optimizer=_optimizer(cfg),
             learning_rate=_schedule(cfg, steps_per_epoch),
-            meta_batch_size=cfg.meta_batch_size, has_state=model.has_state)
+            meta_batch_size=cfg.meta_batch_size, has_state=model.has_state,
+            meta_gradient=cfg.meta_gradient)
     return model.trainers[key]
 
 

@@ -45,6 +45,7 @@ from pivotal.reweight import (
 from pivotal.selection import select_meta_samples
 from pivotal.sharding import data_mesh, replicate, shard_examples
 from pivotal.trainer import (
+    META_GRADIENTS,
     MetaTrainer,
     MetaTrainState,
     check_finite,
@@ -55,6 +56,7 @@ from pivotal.trainer import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "META_GRADIENTS",
     "DirectWeightsState",
     "KMeansResult",
     "MetaTrainState",

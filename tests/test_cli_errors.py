@@ -46,6 +46,8 @@ def _main(argv, capsys):
     (["--methods", "rbc,gbc,rbc,gbc"], "--methods names gbc, rbc more than once"),
     (["--dataset", "cifar10", "--model", "mlp"], "--dataset cifar10: .*tfds"),
     (["--mesh", "data=99"], "mesh must be in"),
+    (["--meta-gradient", "second_order"], "--meta-gradient must be one of \\['exact', "
+                                          "'first_order'\\]"),
 ])
 def test_bad_flags_are_one_error_line_before_training(argv, match, capsys, tmp_path):
     out = tmp_path / "out"
@@ -70,6 +72,25 @@ def test_noise_file_flags_reach_the_config(tmp_path):
                                    "--noise-key", "worse_label", "--out", str(tmp_path)])
     cfg, _, _ = run.resolve(args)
     assert (cfg.noise_file, cfg.noise_file_key) == ("labels.npz", "worse_label")
+
+
+def test_meta_gradient_flag_reaches_the_trainer(tmp_path):
+    from experiments import training
+    args = run.parse_args(SMOKE + ["--meta-gradient", "first_order", "--out", str(tmp_path)])
+    cfg, _, _ = run.resolve(args)
+    assert cfg.meta_gradient == "first_order"
+    exact, _, _ = run.resolve(run.parse_args(SMOKE + ["--out", str(tmp_path)]))
+    assert exact.meta_gradient == "exact"
+
+    class _Model:  # what training._trainer reads of a model
+        loss_fn = staticmethod(lambda params, batch: (params["w"] * batch["x"]).sum(-1))
+        has_state = False
+        trainers = {}
+
+    from experiments.config import RULES
+    first = training._trainer(_Model, RULES["direct"](cfg), cfg, 4)
+    plain = training._trainer(_Model, RULES["direct"](exact), exact, 4)
+    assert first is not plain and len(_Model.trainers) == 2
 
 
 # ----------------------------------------------------------------------------- results rows

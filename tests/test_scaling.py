@@ -7,7 +7,7 @@ Subtracting the call's own output, what is left must not grow with N: the work i
 
 import pytest
 
-from benchmarks import run as bench
+from benchmarks.scaling import worker
 
 MiB = 1 << 20
 
@@ -16,7 +16,7 @@ def extra_beyond_output(what, n, **flags):
     argv = ["--what", what, "--n", str(n), "--repeats", "1"]
     for key, value in flags.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
-    row = bench._worker(argv)
+    row = worker(argv)
     assert "error" not in row, row.get("error")
     if not row["hwm_reset"]:
         pytest.skip("this kernel cannot reset the resident-set high-water mark")

@@ -1,0 +1,72 @@
+"""Section 6: ``per_example_grads`` throughput, side by side with the batched forward + backward
+of the same model on the same examples (the floor: a per-example gradient costs about as much
+as its share of a batched one)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import init_model, time_call, time_side_by_side
+from benchmarks.config import Config, log
+
+
+def _lenet(cfg: Config, ds) -> tuple[list, dict]:
+    from experiments.models import frozen_loss_fn
+    from pivotal.features import per_example_grads
+
+    module, _, params, _ = init_model("lenet5", ds.input_shape)
+    loss = frozen_loss_fn(module, None)
+    n = cfg.lenet_n
+    reps = int(np.ceil(n / len(ds.y_train)))
+    batch = {"x": jnp.asarray(np.concatenate([ds.x_train] * reps)[:n]),
+             "y": jnp.asarray(np.concatenate([ds.y_train] * reps)[:n])}
+    batched = jax.jit(jax.grad(lambda p: jnp.mean(loss(p, batch))))
+    fns = {"batched": lambda: batched(params)}
+    for chunk in cfg.lenet_chunks:
+        fns[f"chunk_{chunk}"] = (
+            lambda c=chunk: per_example_grads(loss, params, batch, chunk_size=c))
+    timings = time_side_by_side(fns, repeats=cfg.thr_repeats)
+    rows = []
+    for chunk in cfg.lenet_chunks:
+        t = timings[f"chunk_{chunk}"]
+        rows.append({"model": "lenet5", "input": "28x28x1", "n": n, "chunk_size": chunk,
+                     "examples_per_s": n / t["median_s"], **t})
+        log(f"throughput lenet5 chunk {chunk}: {n / t['median_s']:.0f}/s")
+    best = max(rows, key=lambda r: r["examples_per_s"])
+    batched_rate = n / timings["batched"]["median_s"]
+    versus = {
+        "n": n,
+        "batched": {"examples_per_s": batched_rate, **timings["batched"]},
+        "best_chunk_size": best["chunk_size"],
+        "ratio": best["examples_per_s"] / batched_rate,
+        "definition": ("per_example_grads(all parameters) examples/s at its best chunk size over "
+                       "jit(grad(mean loss)) examples/s on the same N examples in one batch, "
+                       "timed in alternating rounds"),
+    }
+    log(f"per-example vs batched: {versus['ratio']:.2f} (batched {batched_rate:.0f}/s)")
+    return rows, versus
+
+
+def bench_throughput(cfg: Config, ds) -> dict:
+    from experiments.models import frozen_loss_fn
+    from pivotal.features import per_example_grads
+
+    rows, versus = _lenet(cfg, ds)
+    if cfg.resnet_n > 0:
+        shape = (32, 32, 3)
+        module, _, params, state = init_model("resnet34", shape)
+        loss = frozen_loss_fn(module, state)
+        rn = cfg.resnet_n
+        batch = {
+            "x": jax.random.normal(jax.random.key(9), (rn, *shape), jnp.float32),
+            "y": jnp.arange(rn, dtype=jnp.int32) % 10,
+        }
+        for chunk in cfg.resnet_chunks:
+            t = time_call(lambda: per_example_grads(loss, params, batch, chunk_size=chunk),
+                          repeats=cfg.thr_repeats)
+            rows.append({"model": "resnet34", "input": "32x32x3, frozen BatchNorm", "n": rn,
+                         "chunk_size": chunk, "examples_per_s": rn / t["median_s"], **t})
+            log(f"throughput resnet34 chunk {chunk}: {rn / t['median_s']:.1f}/s")
+    return {"rows": rows, "versus_batched": versus}
