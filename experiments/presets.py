@@ -175,16 +175,16 @@ FASHION = dataclasses.replace(MAIN, dataset="fashion_mnist")
 MNIST_IDX_FULL = dataclasses.replace(MNIST_FULL, noise="adversarial", rate=0.6)
 
 PRESETS.update({
-    # Estimate, not yet measured as a whole: base + random + RBC on the full set took 11.5 min
-    # (the warm-up and two final runs, ~3 min per 20-epoch run), and the ten methods train
-    # nine final runs after the shared warm-up, plus GBC's features and TA-VAAL's VAE.
+    # Measured (docs/RESULTS.md, "Full-size data"): 79 min alone on 2 cores, nine final
+    # 20-epoch runs of ~7.3 min each after a 7.4 min warm-up; peak resident memory 10.9 GB.
     "fashion": Preset(
         "full Fashion-MNIST (60,000 training images, IDX files: apt-get install "
         "dataset-fashion-mnist or --data-dir), 60% adversarial noise, LeNet-5, budget 20 "
-        "(10 warm-up + 10 selected), all ten methods, one seed (estimate)", 40.0, FASHION),
+        "(10 warm-up + 10 selected), all ten methods, one seed (measured; ~11 GB peak memory)",
+        80.0, FASHION),
     "fashion-table1": Preset(
         "the fashion preset over 3 seeds (paper Table 1's setting on Fashion-MNIST; "
-        "estimate: 3 x fashion)", 120.0, FASHION, seeds=3),
+        "3 x fashion)", 240.0, FASHION, seeds=3),
     "mnist-idx-full": Preset(
         "paper Table 1, MNIST column, at the paper's settings (table1-full: batch 4096, "
         "100 epochs) on full MNIST from the four IDX files in --data-dir (needs the files "

@@ -122,8 +122,9 @@ def test_fashion_presets_are_the_main_job_on_full_fashion_mnist():
         assert preset.config == dataclasses.replace(main, dataset="fashion_mnist")
         assert preset.config.train_size is None and preset.config.data_dir is None
         assert preset.methods == pipeline.METHODS and preset.seeds == seeds
-        # A stated time (an estimate until measured), within the 45 min per seed.
-        assert preset.minutes is not None and 0 < preset.minutes / seeds <= 45
+        # A stated time per seed (measured: docs/RESULTS.md; the 45 min target is
+        # missed there, and the stated time must say so rather than meet it on paper).
+        assert preset.minutes is not None and preset.minutes == seeds * PRESETS["fashion"].minutes
 
 
 def test_mnist_idx_full_is_table1_full():
