@@ -14,6 +14,7 @@ memory, sketched to fit (:data:`FEATURE_MODES`), or written to disk and clustere
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -204,29 +205,42 @@ def _rbc_fn(model: Model, problem: Problem, cfg: ExperimentConfig, plan: Feature
     return feature_fn
 
 
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _put_columns(out, block, start):
+    return jax.lax.dynamic_update_slice(out, block.astype(out.dtype), (jnp.int32(0), start))
+
+
 def _write_blocks(feature_fn, snapshots, key, plan: FeaturePlan, n: int, scratch):
-    """The features of ``plan`` written block by block into one preallocated ``(N, D)`` float32
-    array (in memory, returned as a jax array without a copy) or, out of core, an ``.npy``
-    memmap in the folder ``scratch``: one snapshot's block at a time besides the output."""
+    """The features of ``plan``, each snapshot's block written into one preallocated ``(N, D)``
+    output as it is formed: a donated jax array of the blocks' dtype (in memory; a single block
+    is returned as it is) or, out of core, a float32 ``.npy`` memmap in the folder ``scratch``. At most the output
+    and one snapshot's block are held at once (concatenating would hold all blocks and their
+    copy: twice the output)."""
     if plan.mode == "out_of_core":
         if scratch is None:
             raise ValueError("out-of-core features need a scratch folder (scratch=)")
         out = open_features_memmap(os.path.join(scratch, "features.npy"), (n, plan.dim))
     else:
-        out = np.empty((n, plan.dim), np.float32)
+        out = None
     start = 0
     for t, width in zip(plan.epochs, plan.widths):
-        block = np.asarray(feature_fn(snapshots[int(t)], snapshot_key(key, int(t))))
+        block = feature_fn(snapshots[int(t)], snapshot_key(key, int(t)))
         if block.shape != (n, width):
             raise ValueError(f"snapshot {int(t)}'s features have shape {block.shape}; its "
                              f"plan said ({n}, {width})")
-        out[:, start:start + width] = block
+        if plan.mode == "out_of_core":
+            out[:, start:start + width] = np.asarray(block)  # a view of a CPU jax array
+        elif len(plan.epochs) == 1:
+            out = block
+        else:
+            if out is None:  # laid out (dtype, example sharding) as the blocks are
+                out = jnp.zeros((n, plan.dim), block.dtype, device=block.sharding)
+            out = _put_columns(out, block, jnp.int32(start))
         start += width
         del block
     if plan.mode == "out_of_core":
         out.flush()
-        return out
-    return jnp.asarray(out)
+    return out
 
 
 def selection_features(method: str, problem: Problem, model: Model, run: TrainOutcome,
@@ -237,8 +251,9 @@ def selection_features(method: str, problem: Problem, model: Model, run: TrainOu
     ``labels``: ``(N,)`` labels for label-aware RBC features (default: label-aware with the
     noisy labels only when ``cfg.label_aware``). With ``return_epochs``: ``(G, epochs)``; with
     ``return_plan``: ``(G, plan)``, the :class:`FeaturePlan` (mode, sketch width, snapshots).
-    In memory (exact: the blocks of :func:`pivotal.history_features`, bit for bit; or
-    sketched) ``G`` is a jax array; out of core an ``np.memmap`` in the folder ``scratch``.
+    In memory (exact: :func:`pivotal.history_features`' features, bit for bit, written block by
+    block; or sketched) ``G`` is a jax array; out of core an ``np.memmap`` in the folder
+    ``scratch``.
     """
     snapshots = load_snapshots(run)
     plan = plan_features(method, problem, model, run, cfg, key, snapshots)
@@ -248,10 +263,7 @@ def selection_features(method: str, problem: Problem, model: Model, run: TrainOu
             return _gbc_block(model, problem, params, model_state, k, cfg, plan.sketch_dim)
     else:
         feature_fn = _rbc_fn(model, problem, cfg, plan, labels)
-    if plan.mode == "in_memory":
-        feats = pivotal.history_features(feature_fn, snapshots, key, epochs=plan.epochs)
-    else:
-        feats = _write_blocks(feature_fn, snapshots, key, plan, len(problem.y_noisy), scratch)
+    feats = _write_blocks(feature_fn, snapshots, key, plan, len(problem.y_noisy), scratch)
     if return_plan:
         return feats, plan
     return (feats, plan.epochs) if return_epochs else feats

@@ -54,13 +54,17 @@ def row_norms(G: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(G), axis=1))
 
 
-def blocked_rows(fn: Callable, G: jax.Array, row_args: tuple, block: int):
+def blocked_rows(fn: Callable, G: jax.Array, row_args: tuple, block: int, rows=None):
     """Applies ``fn(G_b, *row_args_b) -> pytree of (B, ...)`` to row blocks, returns ``(N, ...)``.
 
     ``row_args`` are arrays with leading axis N, sliced alongside ``G``. Overlapping rows of the last
     block are written twice with identical values, so ``fn`` must be row-wise.
+
+    ``rows``: optional ``(R,)`` int indices; the pass then walks the rows ``G[rows]`` (and
+    ``row_args`` must have R rows), gathering one block at a time: the same blocks, hence the same
+    values, as on ``G[rows]``, without that ``(R, D)`` copy.
     """
-    n = G.shape[0]
+    n = G.shape[0] if rows is None else rows.shape[0]
     block = min(block, n)
     out_struct = jax.eval_shape(
         fn,
@@ -71,7 +75,10 @@ def blocked_rows(fn: Callable, G: jax.Array, row_args: tuple, block: int):
 
     def body(b, out):
         start = block_start(b, n, block)
-        Gb = jax.lax.dynamic_slice_in_dim(G, start, block)
+        if rows is None:
+            Gb = jax.lax.dynamic_slice_in_dim(G, start, block)
+        else:
+            Gb = jnp.take(G, jax.lax.dynamic_slice_in_dim(rows, start, block), axis=0)
         args_b = [jax.lax.dynamic_slice_in_dim(a, start, block) for a in row_args]
         res = fn(Gb, *args_b)
         return jax.tree.map(lambda o, r: jax.lax.dynamic_update_slice_in_dim(o, r, start, 0), out, res)

@@ -165,20 +165,32 @@ def as_scaled_features(G, name: str) -> tuple[jax.Array, int]:
 # ----------------------------------------------------------------------------------------------
 
 
+def _assign_fn(centroids, weighted):
+    directions = search_directions(centroids, weighted)
+
+    def fn(Gb, nb):
+        a, d = assign_block(Gb, directions)
+        # |<G_j, dir_i>| / ||G_j|| is S1 for dir = C (weighted) and |cos| for dir = C / ||C||;
+        # zero rows have similarity 0.
+        return a, jnp.abs(d) / jnp.where(nb > 0, nb, 1)
+
+    return fn
+
+
 @functools.partial(jax.jit, static_argnames=("weighted", "block_size", "placement"))
 def _assign_clusters(G, centroids, *, weighted, block_size, placement=None):
     def local(G, centroids):
-        directions = search_directions(centroids, weighted)
-
-        def fn(Gb, nb):
-            a, d = assign_block(Gb, directions)
-            # |<G_j, dir_i>| / ||G_j|| is S1 for dir = C (weighted) and |cos| for dir = C / ||C||;
-            # zero rows have similarity 0.
-            return a, jnp.abs(d) / jnp.where(nb > 0, nb, 1)
-
-        return blocked_rows(fn, G, (_row_norms(G),), block_size)
+        return blocked_rows(_assign_fn(centroids, weighted), G, (_row_norms(G),), block_size)
 
     return per_shard(local, placement, (True, False), (True, True))(G, centroids)
+
+
+@functools.partial(jax.jit, static_argnames=("weighted", "block_size"))
+def assign_rows(G, rows, centroids, *, weighted, block_size):
+    """:func:`assign_clusters` of ``G[rows]`` (unsharded ``G``), gathered block by block: the
+    same values without the ``(len(rows), D)`` copy."""
+    norms = _row_norms(G)[rows]
+    return blocked_rows(_assign_fn(centroids, weighted), G, (norms,), block_size, rows=rows)
 
 
 def assign_clusters(G, centroids, *, weighted: bool = True, block_size: int = DEFAULT_BLOCK_SIZE):

@@ -24,7 +24,8 @@ import numpy as np
 from pivotal._checks import check_indices, check_int, check_key
 from pivotal._placement import example_placement, num_shards, place_examples, to_host
 from pivotal._rows import row_norms
-from pivotal.kmeans import DEFAULT_BLOCK_SIZE, as_scaled_features, assign_clusters, weighted_spherical_kmeans
+from pivotal.kmeans import (DEFAULT_BLOCK_SIZE, as_scaled_features, assign_clusters, assign_rows,
+                            weighted_spherical_kmeans)
 
 __all__ = ["select_meta_samples", "remaining_candidates"]
 
@@ -58,8 +59,13 @@ def _candidates(G, existing: np.ndarray, exclude_fraction: float, *, stacklevel:
 def _drop_most_similar(G, candidates, existing, num_drop: int, block_size: int) -> np.ndarray:
     if not num_drop:
         return candidates
-    # S1 similarity to the nearest existing meta sample, computed in row blocks.
-    _, sim = assign_clusters(G[candidates], G[existing], weighted=True, block_size=block_size)
+    # S1 similarity to the nearest existing meta sample, computed in row blocks (gathered one
+    # block at a time on one device: no copy of the candidates' rows).
+    if example_placement(G) is None:
+        _, sim = assign_rows(G, jnp.asarray(candidates), G[existing], weighted=True,
+                             block_size=block_size)
+    else:
+        _, sim = assign_clusters(G[candidates], G[existing], weighted=True, block_size=block_size)
     order = np.argsort(-to_host(sim), kind="stable")
     return np.sort(candidates[order[num_drop:]])
 
@@ -176,9 +182,9 @@ def select_meta_samples(
     padded = _padded_size(candidates.size)
     if placement is not None:
         padded = -(-padded // num_shards(placement)) * num_shards(placement)
-    Gc = G[candidates]
-    if padded > candidates.size:
-        Gc = jnp.concatenate([Gc, jnp.zeros((padded - candidates.size, G.shape[1]), G.dtype)])
+    # One gather: the indices past N ("fill") give the zero padding rows without a second copy.
+    rows = np.concatenate([candidates, np.full(padded - candidates.size, n, candidates.dtype)])
+    Gc = jnp.take(G, jnp.asarray(rows), axis=0, mode="fill", fill_value=0)
     if placement is not None:
         Gc = place_examples(Gc, placement)
     # Budgets rounded up to a multiple of 8 share one compiled K-means (surplus clusters are zero).

@@ -132,6 +132,25 @@ def _select(warm, method, gb, count=4):
     return picked, info
 
 
+@pytest.mark.parametrize("widths", [(3,), (3, 5, 2)])
+def test_write_blocks_is_the_concatenation(widths, tmp_path):
+    """In memory (one donated output, or the single block itself) and out of core, the blocks
+    of history_features side by side, bit for bit."""
+    n, key = 7, jax.random.PRNGKey(1)
+    epochs = np.array([2, 4, 5][:len(widths)])
+    snapshots = {int(t): w for t, w in zip(epochs, widths)}
+    feature_fn = lambda w, k: jax.random.normal(k, (n, w))
+    want = pivotal.history_features(feature_fn, snapshots, key, epochs=epochs)
+    for mode in ("in_memory", "sketch", "out_of_core"):
+        plan = selection.FeaturePlan(mode, None, epochs, tuple(widths))
+        got = selection._write_blocks(feature_fn, snapshots, key, plan, n, str(tmp_path))
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="its plan said"):
+        plan = selection.FeaturePlan("in_memory", None, epochs, tuple(w + 1 for w in widths))
+        selection._write_blocks(feature_fn, snapshots, key, plan, n, None)
+
+
 @pytest.mark.slow  # this and the next three share a warm-up: about 6 min on 2 busy cores
 @pytest.mark.parametrize("method", ["rbc", "gbc"])
 def test_in_memory_is_the_selection_as_before(warm, method):

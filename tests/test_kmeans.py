@@ -240,6 +240,24 @@ def test_assign_clusters_matches_bruteforce():
             assert int(a[5]) == 0 and float(sim[5]) == 0.0
 
 
+@pytest.mark.parametrize("dtype,n,block", [(np.float32, 203, 50), (np.float32, 37, 64), (np.float64, 150, 16)])
+def test_assign_rows_is_assign_clusters_of_the_gathered_rows(dtype, n, block):
+    """Gathered block by block, bit for bit the same as on the (R, D) copy."""
+    rng = np.random.default_rng(4)
+    with enable_x64():
+        X = rng.standard_normal((n, 11)).astype(dtype)
+        X[3] = 0
+        rows = np.sort(rng.choice(n, size=n * 2 // 3, replace=False))
+        C = rng.standard_normal((5, 11)).astype(dtype)
+        for weighted in (True, False):
+            want = assign_clusters(jnp.asarray(X[rows]), jnp.asarray(C), weighted=weighted, block_size=block)
+            got = K.assign_rows(jnp.asarray(X), jnp.asarray(rows), jnp.asarray(C), weighted=weighted,
+                                block_size=block)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+            assert got[1].dtype == dtype
+
+
 def test_cluster_centroids_matches_definition():
     rng = np.random.default_rng(9)
     with enable_x64():
