@@ -30,7 +30,7 @@ from pivotal._checks import (
     ArgumentTypeError, check_choice, check_int, check_key, check_loss_fn, is_traced, leading_size)
 from pivotal._placement import num_shards, per_shard
 from pivotal._rows import chunk_starts, chunked_rows, placed, slice_rows, write_rows, zeros_rows
-from pivotal.grads import STRATEGIES, layer_groups_of, map_examples, single_example_loss
+from pivotal.grads import STRATEGIES, layer_groups_of, leaf_grads, map_examples, single_example_loss
 
 __all__ = ["RECOMMENDED_IMPORTANCE_CHUNK_SIZE", "GBCInfo", "gbc_block_widths", "gbc_features", "gbc_layer_draw",
            "leaf_sketch_widths", "make_gbc_feature_fn"]
@@ -159,17 +159,17 @@ def _selected_chunk(loss_fn, params, chunk, leaf_ids, leaf_scales, strategy, pro
             full[i] = value
         return single_example_loss(loss_fn)(jax.tree_util.tree_unflatten(treedef, full), example)
 
-    grad_one = jax.grad(loss_of_selected)
-
-    def feature_one(example):
-        grads = grad_one(selected, example)
+    def row(grads):
         if projections is None:
             blocks = [jnp.ravel(grads[slot[i]]) for i in leaf_ids]
         else:
             blocks = [_sketch_leaf(grads[slot[i]], projections[k]) for k, i in enumerate(leaf_ids)]
         return jnp.concatenate([leaf_scales[k] * block for k, block in enumerate(blocks)])
 
-    return map_examples(feature_one, chunk, strategy)
+    if strategy == "patches":  # the chunk's gradients at once, then each example's row
+        return jax.vmap(row)(leaf_grads(loss_of_selected, selected, chunk, strategy))
+    grad_one = jax.grad(loss_of_selected)
+    return map_examples(lambda example: row(grad_one(selected, example)), chunk, strategy)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "leaf_ids", "size", "strategy", "placement"),
@@ -389,8 +389,8 @@ def gbc_features(
         layer per parent path, e.g. one Flax module's ``{kernel, bias}``).
       merge_repeats: merge repeated draws of a layer into one block.
       return_info: also return a :class:`GBCInfo`.
-      strategy: how a chunk's per-example gradients are taken, ``"vmap"`` or ``"map"``;
-        see :func:`per_example_grads`. Does not change the result beyond float rounding.
+      strategy: how a chunk's per-example gradients are taken, ``"vmap"``, ``"map"`` or
+        ``"patches"``; see :func:`per_example_grads`. Does not change the result beyond float rounding.
       importance_chunk_size: rows per backward pass of the importance pass. Default:
         None (all rows at once) when ``chunk_size`` is None, else
         ``max(chunk_size, RECOMMENDED_IMPORTANCE_CHUNK_SIZE)``: that pass forms no

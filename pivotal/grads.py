@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from pivotal._checks import check_choice, check_int, check_loss_fn, leading_size
+from pivotal._patches import per_example_leaf_grads
 from pivotal._placement import per_shard
 from pivotal._rows import chunked_rows, slice_rows, write_rows
 
@@ -44,7 +45,7 @@ def single_example_loss(loss_fn: LossFn) -> Callable[[PyTree, PyTree], jax.Array
 
 
 # Strategies for the examples inside one chunk (see :func:`per_example_grads`).
-STRATEGIES = ("vmap", "map")
+STRATEGIES = ("vmap", "map", "patches")
 # Above this many examples per chunk, strategy="map" runs a compiled loop rather than
 # unrolling single-example gradients into straight-line code (compile time grows with it).
 _MAX_UNROLL = 64
@@ -73,9 +74,20 @@ def map_examples(fn: Callable, chunk: PyTree, strategy: str):
     return jax.tree_util.tree_map(lambda *rows: jnp.stack(rows), *outs)
 
 
+def leaf_grads(loss_of_leaves: Callable, leaves: tuple, chunk: PyTree, strategy: str) -> tuple:
+    """Per-example gradients ``(B, *leaf.shape)`` of ``loss_of_leaves(leaves, example) -> scalar``
+    with respect to each of ``leaves`` (a tuple of arrays), by ``strategy``."""
+    if strategy == "patches":
+        return per_example_leaf_grads(loss_of_leaves, leaves, chunk)
+    grad_one = jax.grad(loss_of_leaves)
+    return map_examples(lambda example: grad_one(leaves, example), chunk, strategy)
+
+
 def _grads_chunk(loss_fn, params, chunk, strategy):
-    grad_one = jax.grad(single_example_loss(loss_fn))
-    return map_examples(lambda example: grad_one(params, example), chunk, strategy)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    one = single_example_loss(loss_fn)
+    loss_of_leaves = lambda ls, example: one(jax.tree_util.tree_unflatten(treedef, list(ls)), example)
+    return jax.tree_util.tree_unflatten(treedef, list(leaf_grads(loss_of_leaves, tuple(leaves), chunk, strategy)))
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "size", "strategy", "placement"), donate_argnums=(0,))
@@ -115,6 +127,10 @@ def per_example_grads(
       chunk (a ``lax.map`` loop for chunks over 64 examples). Under vmap a convolution
       kernel's gradient becomes a grouped convolution, which some backends (XLA:CPU) run
       slowly; ``"map"`` keeps ordinary convolutions. Use it with small chunks (4-32).
+    * ``"patches"``: ``vmap(grad)`` for every leaf except the kernels of ungrouped
+      convolutions, whose per-example gradients are formed as products of the input's
+      patches and the output gradient, ``dL_j/dW[o, i, s] = sum_p dL_j/dy[o, p] x_j[i, p + s]``
+      (one batched forward and backward, no grouped convolution; :mod:`pivotal._patches`).
 
     Computations are jit-compiled and cached on ``(loss_fn, chunk size, strategy)``: pass
     the same ``loss_fn`` object across calls to avoid recompiling.
@@ -132,7 +148,7 @@ def per_example_grads(
       params: parameter pytree (P parameters in all).
       batch: pytree whose leaves have a leading axis N.
       chunk_size: examples per chunk; None = all at once.
-      strategy: ``"vmap"`` or ``"map"``, see above.
+      strategy: ``"vmap"``, ``"map"`` or ``"patches"``, see above.
 
     Returns:
       A pytree like ``params`` whose leaves have shape ``(N, *leaf.shape)``.
