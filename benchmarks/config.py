@@ -33,6 +33,7 @@ class Config:
     feat_snapshots: int = 4
     feat_steps_between: int = 10
     gbc_chunk: int = 16  # fastest measured on XLA:CPU for LeNet-5 (pivotal.features.RECOMMENDED_CHUNK_SIZE)
+    gbc_patches_chunk: int = 64  # strategy="patches" (no grouped convolutions: larger chunks pay)
     feat_repeats: int = 5
     feat_warmup_rounds: int = 1
     loop_examples: int = 300
@@ -54,6 +55,7 @@ class Config:
     # 6. throughput: per_example_grads vs the batched forward + backward of the same batch
     lenet_n: int = 4096
     lenet_chunks: tuple[int, ...] = (1, 4, 8, 16, 32, 128, 512)
+    lenet_strategies: tuple[str, ...] = ("vmap", "patches")
     resnet_n: int = 32
     resnet_chunks: tuple[int, ...] = (4, 16)
     thr_repeats: int = 5
@@ -64,12 +66,13 @@ CONFIGS = {
     "quick": Config(
         mode="quick", meta_repeats=10, feat_snapshots=2, feat_warmup_rounds=0,
         loop_examples=100, km_kpp=False, scale_sizes=(10_000, 50_000),
-        scale_km_iters=20, scale_repeats=1, lenet_n=1024, lenet_chunks=(16, 256), resnet_n=2,
+        scale_km_iters=20, scale_repeats=1, lenet_n=1024, lenet_chunks=(16, 64, 256), resnet_n=2,
         resnet_chunks=(2,),
     ),
     "tiny": Config(
         mode="tiny", meta_models=("mlp",), meta_batch=32, meta_set=4, meta_repeats=2,
-        feat_n=64, feat_snapshots=1, feat_steps_between=1, gbc_chunk=32, feat_repeats=1,
+        feat_n=64, feat_snapshots=1, feat_steps_between=1, gbc_chunk=32, gbc_patches_chunk=32,
+        feat_repeats=1,
         loop_examples=4, km_n=600, km_dim=16, km_clusters=5, km_max_iters=5, km_repeats=1,
         km_large_n=1200, km_kpp=False, scale_sizes=(256, 512), scale_km_iters=3, scale_repeats=1,
         scale_gbc_chunk=64, scale_dim=16, lenet_n=16, lenet_chunks=(8,), resnet_n=0,

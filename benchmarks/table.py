@@ -51,6 +51,10 @@ def _features(f: dict) -> list[str]:
         f"| GBC (gbc_features, 5 layers, chunk {f['gbc']['chunk_size']}) | "
         f"{_spread(f['gbc']['time'])} | {fmt_s(f['gbc']['time']['compile_s'])} | "
         f"{f['gbc']['feature_dim']} |",
+        *([f"| GBC, strategy=\"patches\", chunk {f['gbc_patches']['chunk_size']} | "
+           f"{_spread(f['gbc_patches']['time'])} | {fmt_s(f['gbc_patches']['time']['compile_s'])} | "
+           f"{f['gbc']['feature_dim']} (max abs difference {f['gbc_patches']['max_abs_diff']:.1e}) |"]
+          if "gbc_patches" in f else []),
         "", f"GBC vs reference loop (1 snapshot, N={f['n']}): {lp['note']}.", "",
         "| what | time for N | speedup of ours |", "|---|---|---|",
         f"| reference loop (jitted single-example grad, extrapolated) | {fmt_s(lp['loop_total_s'])} | - |",
@@ -115,15 +119,17 @@ def _scaling(s: dict) -> list[str]:
 
 def _throughput(t: dict) -> list[str]:
     lines = ["", "## 6. per_example_grads throughput", "",
-             "| model | input | N | chunk | examples/s | compile |", "|---|---|---|---|---|---|"]
+             "| model | input | N | strategy | chunk | examples/s | compile |",
+             "|---|---|---|---|---|---|---|"]
     for r in t["rows"]:
-        lines.append(f"| {r['model']} | {r['input']} | {r['n']} | {r['chunk_size']} | "
-                     f"{r['examples_per_s']:.1f} | {fmt_s(r['compile_s'])} |")
+        lines.append(f"| {r['model']} | {r['input']} | {r['n']} | {r.get('strategy', 'vmap')} | "
+                     f"{r['chunk_size']} | {r['examples_per_s']:.1f} | {fmt_s(r['compile_s'])} |")
     v = t.get("versus_batched")
     if v:
-        lines += ["", f"Batched forward + backward of the same {v['n']} examples: "
-                  f"{v['batched']['examples_per_s']:.0f} examples/s; per-example at chunk "
-                  f"{v['best_chunk_size']} / batched = {v['ratio']:.2f} ({v['definition']})."]
+        lines += ["", f"Batched forward + backward of the same {v['n']} examples in batches of "
+                  f"{v['batched'].get('batch_size', v['n'])}: {v['batched']['examples_per_s']:.0f} "
+                  f"examples/s; per-example ({v.get('best_strategy', 'vmap')}, chunk "
+                  f"{v['best_chunk_size']}) / batched = {v['ratio']:.2f} ({v['definition']})."]
     return lines
 
 
