@@ -115,3 +115,14 @@ def test_device_script_runs_on_the_cpu_at_tiny_size(tmp_path):
     peer = json.loads((tmp_path / "torch_peer.json").read_text())
     assert peer["ours"]["per_sample_grads"]["median_s"] > 0
     assert peer["batch"] == 16
+
+
+def test_sketch_error_reports_each_width():
+    from benchmarks import sketch_error
+
+    out = sketch_error.measure(48, pairs=300, neighbours=24, sketch_keys=1)
+    assert [r["sketch_dim"] for r in out["rows"]] == list(sketch_error.SKETCH_DIMS)
+    for r in out["rows"]:
+        assert r["columns"] < out["exact_columns"]
+        assert 0 < r["ip_error_mean"] <= r["ip_error_p95"] < 2 and 0 <= r["cos_error_mean"] < 2
+        assert 0 <= r["nearest_neighbour_kept"] <= 1
