@@ -117,6 +117,7 @@ def test_device_script_runs_on_the_cpu_at_tiny_size(tmp_path):
     assert peer["batch"] == 16
 
 
+@pytest.mark.slow  # trains LeNet-5 snapshots on MNIST-5k: ~30 s
 def test_sketch_error_reports_each_width():
     from benchmarks import sketch_error
 
