@@ -228,6 +228,7 @@ def _split_blocks(feats, info):
     return np.split(np.asarray(feats), edges, axis=1)
 
 
+@pytest.mark.slow  # averages many layer draws: ~20 s alone
 def test_gbc_gram_is_unbiased_for_full_gradient_gram(x64):
     # Small net (3 layers), R = 2 draws per call. The Gram matrix of one call is an
     # unbiased estimate of the full per-example-gradient Gram matrix; the mean of K

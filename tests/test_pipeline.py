@@ -97,6 +97,7 @@ def test_list_presets(capsys):
     assert "smoke" in text and "default" in text
 
 
+@pytest.mark.slow  # kills and resumes a real run: ~1 min alone; keeps the default suite under 15 min
 def test_resume_after_kill_reproduces_uninterrupted(tmp_path):
     args = ["-m", "experiments.run", "--preset", "smoke", "--methods", "random",
             "--epochs", "25"]
