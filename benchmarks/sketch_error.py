@@ -1,7 +1,7 @@
 """How much GBC's per-layer sketch distorts the inner products K-means clusters on, at the widths
 the pipeline's feature budget picks: ``python3 -m benchmarks.sketch_error [--n 4000] [--out F]``.
 
-LeNet-5 on MNIST-5k after a few hundred plain SGD steps (as the benchmark's snapshots), one GBC
+LeNet-5 on MNIST-5k after 40 plain SGD steps (the benchmark's last snapshot), one GBC
 layer draw (5 layers), the exact features ``G`` and the sketched ones ``S`` from the same draw
 for each ``sketch_dim``; over random pairs of examples it reports the mean and 95th percentile
 of ``|<S_i, S_j> - <G_i, G_j>| / (|G_i| |G_j|)`` (over 3 sketch keys) and of the cosine error
@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=4000, help="examples of MNIST-5k's training split")
     p.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = p.parse_args(argv)
+    if not 2 <= args.n <= 4000:
+        p.error(f"--n must be between 2 and 4000 (MNIST-5k's training split); got {args.n}")
     result = measure(args.n)
     print(f"GBC sketch on LeNet-5, N={result['n']}, exact {result['exact_columns']} columns:")
     print("| sketch_dim | columns | inner-product error mean / p95 | cosine error mean / p95 | "

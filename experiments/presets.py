@@ -176,11 +176,12 @@ MNIST_IDX_FULL = dataclasses.replace(MNIST_FULL, noise="adversarial", rate=0.6)
 
 PRESETS.update({
     # Measured (docs/RESULTS.md, "Full-size data"): 79 min alone on 2 cores, nine final
-    # 20-epoch runs of ~7.3 min each after a 7.4 min warm-up; peak resident memory 10.9 GB.
+    # 20-epoch runs of ~7.3 min each after a 7.4 min warm-up; peak resident memory 10.9 GB
+    # then, GBC's phases at 60,000 examples 6.2 GB since the leaner feature pass ("Scaling").
     "fashion": Preset(
         "full Fashion-MNIST (60,000 training images, IDX files: apt-get install "
         "dataset-fashion-mnist or --data-dir), 60% adversarial noise, LeNet-5, budget 20 "
-        "(10 warm-up + 10 selected), all ten methods, one seed (measured; ~11 GB peak memory)",
+        "(10 warm-up + 10 selected), all ten methods, one seed (measured; ~6 GB peak memory)",
         80.0, FASHION),
     "fashion-table1": Preset(
         "the fashion preset over 3 seeds (paper Table 1's setting on Fashion-MNIST; "

@@ -213,9 +213,9 @@ def _put_columns(out, block, start):
 def _write_blocks(feature_fn, snapshots, key, plan: FeaturePlan, n: int, scratch):
     """The features of ``plan``, each snapshot's block written into one preallocated ``(N, D)``
     output as it is formed: a donated jax array of the blocks' dtype (in memory; a single block
-    is returned as it is) or, out of core, a float32 ``.npy`` memmap in the folder ``scratch``. At most the output
-    and one snapshot's block are held at once (concatenating would hold all blocks and their
-    copy: twice the output)."""
+    is returned as it is) or, out of core, a float32 ``.npy`` memmap in the folder ``scratch``.
+    At most the output and one snapshot's block are held at once (concatenating would hold all
+    blocks and their copy: twice the output)."""
     if plan.mode == "out_of_core":
         if scratch is None:
             raise ValueError("out-of-core features need a scratch folder (scratch=)")

@@ -1,7 +1,8 @@
-"""Per-example gradients with convolution kernels' as patch x output-gradient products.
+"""Per-example gradients with convolution kernels' gradients as patch x output-gradient products.
 
 Under ``vmap(grad(f))`` a convolution kernel's per-example gradient becomes a grouped
-convolution (one group per example), which XLA:CPU runs slowly. For a kernel ``W`` used by one
+convolution (one group per example), which some backends run slowly (on XLA:CPU with jax
+0.10.2 the two paths measure level for LeNet-5: README, "Benchmarks"). For a kernel ``W`` used by one
 convolution ``y = conv(x, W)`` (one feature group), example ``j``'s gradient is
 
     dL_j/dW[o, i, s] = sum_p  dL_j/dy[o, p] * patch(x_j)[i, s, p],
