@@ -130,6 +130,11 @@ def _throughput(t: dict) -> list[str]:
                   f"{v['batched'].get('batch_size', v['n'])}: {v['batched']['examples_per_s']:.0f} "
                   f"examples/s; per-example ({v.get('best_strategy', 'vmap')}, chunk "
                   f"{v['best_chunk_size']}) / batched = {v['ratio']:.2f} ({v['definition']})."]
+        if "output_share" in v:
+            lines += ["", f"Of the best per-example call's time, {v['output_share']:.0%} is the "
+                      f"allocation of its fresh {fmt_bytes(v['output']['bytes'])} output alone "
+                      f"(zero-filled, timed in the same rounds); without it the ratio would be "
+                      f"{v['ratio_without_output']:.2f}."]
     return lines
 
 

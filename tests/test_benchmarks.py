@@ -71,7 +71,8 @@ def test_tiny_run_writes_keys_and_table(tmp_path):
     assert set(km["objectives"]) == {"ours_elkan", "ours_lloyd", "faiss", "sklearn"}
     assert km["objectives"]["ours_elkan"]["partition"] == pytest.approx(
         km["objectives"]["ours_lloyd"]["partition"], rel=1e-6)
-    assert on_disk["details"]["throughput"]["versus_batched"]["ratio"] > 0
+    versus = on_disk["details"]["throughput"]["versus_batched"]
+    assert versus["ratio"] > 0 and versus["output_share"] > 0 and versus["ratio_without_output"] > 0
     assert on_disk["details"]["features"]["loop"]["relative_diff_vs_ours"] < 1e-3
     table = (tmp_path / "table.md").read_text()
     assert table.startswith("# pivotal benchmarks")
