@@ -178,18 +178,18 @@ FASHION = dataclasses.replace(MAIN, dataset="fashion_mnist", feature_memory_gb=3
 MNIST_IDX_FULL = dataclasses.replace(MNIST_FULL, noise="adversarial", rate=0.6)
 
 PRESETS.update({
-    # Measured (docs/RESULTS.md, "Full-size data"): 79 min alone on 2 cores, nine final
-    # 20-epoch runs of ~7.3 min each after a 7.4 min warm-up; peak resident memory 10.9 GB
-    # then, GBC's phases at 60,000 examples 6.2 GB since the leaner feature pass ("Scaling")
-    # at the 4 GB feature budget; re-measured at 3 GB in RESULTS.
+    # Measured (docs/RESULTS.md, "Full-size data"): 84 min alone on 2 cores at the 3 GB feature
+    # budget (f0f1afa), peak resident memory 4.6 GB; eight final 20-epoch meta runs of ~7.9 min each
+    # after an 8.2 min warm-up. 10.9 GB before the leaner feature pass, 6.2 GB at 4 GB after it.
     "fashion": Preset(
         "full Fashion-MNIST (60,000 training images, IDX files: apt-get install "
         "dataset-fashion-mnist or --data-dir), 60% adversarial noise, LeNet-5, budget 20 "
-        "(10 warm-up + 10 selected), all ten methods, one seed (measured; ~6 GB peak memory)",
-        80.0, FASHION),
+        "(10 warm-up + 10 selected), all ten methods, one seed (measured: 84 min, 4.6 GB "
+        "peak memory)",
+        85.0, FASHION),
     "fashion-table1": Preset(
         "the fashion preset over 3 seeds (paper Table 1's setting on Fashion-MNIST; "
-        "3 x fashion)", 240.0, FASHION, seeds=3),
+        "3 x fashion)", 255.0, FASHION, seeds=3),
     "mnist-idx-full": Preset(
         "paper Table 1, MNIST column, at the paper's settings (table1-full: batch 4096, "
         "100 epochs) on full MNIST from the four IDX files in --data-dir (needs the files "
