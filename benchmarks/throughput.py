@@ -53,7 +53,7 @@ def _lenet(cfg: Config, ds) -> tuple[list, dict]:
         "best_chunk_size": best["chunk_size"],
         "best_strategy": best["strategy"],
         "ratio": best["examples_per_s"] / batched_rate,
-        "output": {"bytes": 4 * n * sum(a.size for a in jax.tree_util.tree_leaves(params)),
+        "output": {"bytes": sum(s.size * s.dtype.itemsize for s in jax.tree_util.tree_leaves(out_shapes)),
                    **timings["output"]},
         "output_share": output_s / best_s,
         "ratio_without_output": (n / max(best_s - output_s, 1e-12)) / batched_rate,

@@ -171,7 +171,7 @@ PRESETS.update({
 # noise as in the paper's Table 1 MNIST column, budget 20 = 10 + 10). A 3 GB feature budget:
 # at the default 4 GB GBC's sketch (1,024 columns per leaf, 3.0 GB at 60,000 rows) plus the
 # candidates' rows Algorithm 2 clusters (half of them, 1.5 GB) peaked at 6.2 GB, over the
-# 6 GB this preset is meant to fit; 3 GB gives the next sketch (512 per leaf, 1.5 GB).
+# 6 GB this preset is meant to fit; 3 GB gives the next sketch (512 per leaf, 1.7 GB).
 FASHION = dataclasses.replace(MAIN, dataset="fashion_mnist", feature_memory_gb=3.0)
 # The paper's MNIST setting (MNIST_FULL: batch 4096, constant lr 0.1, no momentum, 100 epochs,
 # snapshots every 20) on the four MNIST IDX files in --data-dir.
@@ -179,8 +179,8 @@ MNIST_IDX_FULL = dataclasses.replace(MNIST_FULL, noise="adversarial", rate=0.6)
 
 PRESETS.update({
     # Measured (docs/RESULTS.md, "Full-size data"): 84 min alone on 2 cores at the 3 GB feature
-    # budget (f0f1afa), peak resident memory 4.6 GB; eight final 20-epoch meta runs of ~7.9 min each
-    # after an 8.2 min warm-up. 10.9 GB before the leaner feature pass, 6.2 GB at 4 GB after it.
+    # budget (f0f1afa), peak resident memory 4.6 GB; eight final 20-epoch meta runs of ~7.9 min
+    # each after an 8.2 min warm-up. 10.9 GB before the leaner feature pass, 6.2 GB at 4 GB after.
     "fashion": Preset(
         "full Fashion-MNIST (60,000 training images, IDX files: apt-get install "
         "dataset-fashion-mnist or --data-dir), 60% adversarial noise, LeNet-5, budget 20 "
