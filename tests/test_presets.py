@@ -119,10 +119,12 @@ def test_fashion_presets_are_the_main_job_on_full_fashion_mnist():
     assert FASHION == ["fashion", "fashion-exact", "fashion-table1"]
     exact = dataclasses.replace(main, dataset="fashion_mnist", feature_memory_gb=3.0)
     assert exact.meta_gradient == "exact"
-    for name, seeds, gradient in (("fashion", 1, "first_order"), ("fashion-exact", 1, "exact"),
-                                  ("fashion-table1", 3, "first_order")):
+    for name, seeds, gradient, budget in (("fashion", 1, "first_order", 2.5),
+                                          ("fashion-exact", 1, "exact", 3.0),
+                                          ("fashion-table1", 3, "first_order", 2.5)):
         preset = PRESETS[name]
-        assert preset.config == dataclasses.replace(exact, meta_gradient=gradient)
+        assert preset.config == dataclasses.replace(exact, meta_gradient=gradient,
+                                                    feature_memory_gb=budget)
         assert preset.config.train_size is None and preset.config.data_dir is None
         assert preset.methods == pipeline.METHODS and preset.seeds == seeds
         assert preset.minutes is not None
