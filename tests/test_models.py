@@ -18,7 +18,9 @@ from experiments.models import (
     init_model,
     make_model,
     predict_fn,
+    toeplitz_conv,
 )
+from jax import lax
 
 # (name, one example's shape, expected width D of the penultimate features h)
 SMALL_MODELS = [("mlp", (2,), 100), ("lenet5", (28, 28, 1), 84)]
@@ -79,6 +81,61 @@ def test_lenet5_matches_the_paper_architecture(lenet):
     )
     assert expected == 44_426
     assert _count(params) == expected
+
+
+# name: (input (B, H, W, C), kernel HWIO, padding, strides): the cases toeplitz_conv computes as a
+# matrix product, and two that it hands to lax unchanged (strided, grouped).
+TOEPLITZ_CASES = {
+    "lenet5_conv1": ((3, 28, 28, 1), (5, 5, 1, 6), "VALID", (1, 1), 1),
+    "lenet5_conv2": ((2, 12, 12, 6), (5, 5, 6, 16), "VALID", (1, 1), 1),
+    "same_rectangular": ((2, 9, 7, 3), (3, 2, 3, 4), "SAME", (1, 1), 1),
+    "explicit_padding": ((2, 9, 7, 3), (3, 2, 3, 4), ((1, 2), (0, 1)), (1, 1), 1),
+    "one_by_one": ((2, 5, 5, 3), (1, 1, 3, 2), "VALID", (1, 1), 1),
+    "strided_fallback": ((2, 9, 9, 2), (3, 3, 2, 3), "SAME", (2, 2), 1),
+    "grouped_fallback": ((2, 6, 6, 4), (3, 3, 2, 4), "VALID", (1, 1), 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TOEPLITZ_CASES))
+def test_toeplitz_conv_equals_lax_conv_and_its_gradients(case):
+    shape, kshape, padding, strides, groups = TOEPLITZ_CASES[case]
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        x, w = jnp.asarray(rng.standard_normal(shape)), jnp.asarray(rng.standard_normal(kshape))
+        dn = lax.conv_dimension_numbers(shape, kshape, ("NHWC", "HWIO", "NHWC"))
+
+        def conv(fn, x, w):
+            return fn(x, w, strides, padding, dimension_numbers=dn, feature_group_count=groups)
+
+        want, got = conv(lax.conv_general_dilated, x, w), conv(toeplitz_conv, x, w)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        loss = lambda fn: lambda x, w: jnp.sum(jnp.sin(conv(fn, x, w)))
+        for want_g, got_g in zip(jax.grad(loss(lax.conv_general_dilated), (0, 1))(x, w),
+                                 jax.grad(loss(toeplitz_conv), (0, 1))(x, w)):
+            np.testing.assert_allclose(got_g, want_g, rtol=1e-12, atol=1e-12)
+
+
+def test_lenet5_is_flax_conv_with_the_toeplitz_product(lenet):
+    """Same parameters from the same key as plain ``nn.Conv`` layers, the same function up to
+    float32 rounding: only how the convolutions are computed differs."""
+    module, _, params = lenet
+
+    class LaxLeNet5(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = nn.Conv(6, (5, 5), padding="VALID", name="conv1")(x)
+            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+            x = nn.Conv(16, (5, 5), padding="VALID", name="conv2")(x)
+            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2)).reshape((x.shape[0], -1))
+            x = nn.relu(nn.Dense(120, name="fc1")(x))
+            return nn.Dense(10, name="head")(nn.relu(nn.Dense(84, name="fc2")(x)))
+
+    reference, _ = init_model(LaxLeNet5(), jax.random.key(0), (28, 28, 1))
+    chex.assert_trees_all_equal(params, reference)
+    x = jax.random.normal(jax.random.key(1), (4, 28, 28, 1))
+    np.testing.assert_allclose(module.apply({"params": params}, x),
+                               LaxLeNet5().apply({"params": reference}, x), rtol=1e-5, atol=1e-5)
 
 
 def test_lenet5_accepts_images_without_channel_axis(lenet):

@@ -103,15 +103,29 @@ def test_gbc_features_patches_equal_vmap(x64, sketch_dim):
     np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-13)
 
 
-def test_lenet5_float32_and_under_jit():
-    """The Flax LeNet-5 the experiments use: both conv kernels patched, float32 tolerance."""
-    from experiments.models import init_model, make_model
+def test_flax_cnn_float32_and_under_jit():
+    """A Flax LeNet-5 on ``nn.Conv``'s lax convolutions (the experiments' LeNet-5 computes its
+    convolutions as matrix products, which the patches path leaves to vmap): both conv kernels
+    patched, float32 tolerance, under jit."""
+    import flax.linen as nn
     import pivotal
 
-    module, _ = make_model("lenet5", 10, (28, 28, 1))
-    params, _ = init_model(module, jax.random.PRNGKey(0), (28, 28, 1))
+    class CNN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.max_pool(nn.relu(nn.Conv(6, (5, 5), padding="VALID")(x)), (2, 2), (2, 2))
+            x = nn.max_pool(nn.relu(nn.Conv(16, (5, 5), padding="VALID")(x)), (2, 2), (2, 2))
+            return nn.Dense(10)(nn.relu(nn.Dense(84)(x.reshape((x.shape[0], -1)))))
+
+    module = CNN()
+    params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
     loss_fn = lambda p, b: pivotal.label_free_loss(module.apply({"params": p}, b["x"]))
     batch = {"x": jax.random.normal(jax.random.PRNGKey(1), (10, 28, 28, 1))}
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    one = single_example_loss(loss_fn)
+    jaxpr = jax.make_jaxpr(lambda ls, ex: one(jax.tree_util.tree_unflatten(treedef, list(ls)), ex))(
+        tuple(leaves), jax.tree_util.tree_map(lambda x: x[0], batch)).jaxpr
+    assert len(_patched_convs(jaxpr, len(leaves))) == 2
     want = per_example_grads(loss_fn, params, batch, chunk_size=4)
     got = jax.jit(lambda p, b: per_example_grads(loss_fn, p, b, chunk_size=4, strategy="patches"))(params, batch)
     for path, w, g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree_util.tree_leaves(want),
