@@ -75,6 +75,24 @@ def headlines(details: dict) -> dict:
     }
 
 
+def cpu_model() -> str:
+    """The CPU's model name, family/model and whether it has AVX-512: XLA:CPU's kernels, and
+    so both timings and float rounding, differ between hosts that all say "2 CPUs"."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    fields = {}
+    for line in info.splitlines():
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    avx512 = "avx512f" in fields.get("flags", "").split()
+    return (f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model "
+            f"{fields.get('model', '?')}, {'AVX-512' if avx512 else 'no AVX-512'})")
+
+
 def run(cfg: Config, out_dir: str | os.PathLike, *, command: str = "", sections: Sequence[str] = SECTIONS) -> dict:
     """Runs the selected sections, writes ``results.json`` and ``table.md`` to ``out_dir``."""
     start = time.perf_counter()
@@ -101,6 +119,7 @@ def run(cfg: Config, out_dir: str | os.PathLike, *, command: str = "", sections:
         "command": command,
         "machine": {
             "cpu_count": os.cpu_count(),
+            "cpu": cpu_model(),
             "platform": platform.platform(),
             "python": platform.python_version(),
             "jax_version": jax.__version__,

@@ -141,7 +141,7 @@ def _throughput(t: dict) -> list[str]:
 def render_table(results: dict) -> str:
     d, m = results["details"], results["machine"]
     lines = [f"# pivotal benchmarks ({results['mode']})", "",
-             f"Machine: {m['cpu_count']} CPUs, {m['platform']}, jax {m['jax_version']} "
+             f"Machine: {m['cpu_count']} CPUs ({m.get('cpu', 'model not recorded')}), {m['platform']}, jax {m['jax_version']} "
              f"({m['jax_backend']}), load average at start {m['load_avg_start']}. "
              f"Command: `{results['command']}`. Wall time {results['wall_s']:.0f} s.",
              "", "## Headline ratios", "", "| metric | value | target | status |",

@@ -25,7 +25,7 @@ PRESETS = {
     "default": Preset(
         "the main job: MNIST-5k, 60% adversarial noise (c -> c+1), LeNet-5, budget 20 "
         "(10 warm-up + 10 selected), all ten methods of the paper's Table 1, one seed",
-        5.0,  # measured 4 min 40 s (README)
+        6.0,  # measured 5 min 9 s (README)
         ExperimentConfig(),
     ),
     "smoke": Preset(
@@ -172,12 +172,13 @@ PRESETS.update({
 # at the default 4 GB GBC's sketch (1,024 columns per leaf, 3.0 GB at 60,000 rows) plus the
 # candidates' rows Algorithm 2 clusters (half of them, 1.5 GB) peaked at 6.2 GB, over the
 # 6 GB this preset is meant to fit; 3 GB gives the next sketch (512 per leaf, 1.7 GB).
-# The first-order meta gradient: with the exact one (FASHION_EXACT) the nine 20-epoch meta runs
-# take 85 % of an 84 min preset, twice a plain run each; the first-order step costs about one
-# plain step, and on table1 (5 seeds, docs/RESULTS.md) it lost nothing measurable. Its warm-up
-# peaks at its last epoch, so GBC has one snapshot: at 3 GB that is 4,096 columns per leaf
-# (2.6 GB), and with the candidates' rows and what the earlier methods left resident the
-# preset peaked at 6.06 GB; 2.5 GB gives 2,048 per leaf (6,474 columns, 1.6 GB).
+# The first-order meta gradient: with the exact one (FASHION_EXACT) a meta run costs about two
+# plain runs (the exact step is ~1.8-2.4 plain steps, README "Benchmarks"); the first-order step
+# costs about one plain step, and on table1 (5 seeds, docs/RESULTS.md) it lost nothing
+# measurable. A 2.5 GB feature budget: GBC's sketch plus the candidates' rows Algorithm 2
+# clusters and what the earlier methods leave resident must stay under 6 GB (at 3 GB a one-
+# snapshot warm-up took 4,096 columns per leaf and the preset peaked at 6.06 GB); measured on
+# 81933f4 with five snapshots: 512 columns per leaf, 6,352 columns, peak 4.36 GB.
 FASHION_EXACT = dataclasses.replace(MAIN, dataset="fashion_mnist", feature_memory_gb=3.0)
 FASHION = dataclasses.replace(FASHION_EXACT, meta_gradient="first_order", feature_memory_gb=2.5)
 # The paper's MNIST setting (MNIST_FULL: batch 4096, constant lr 0.1, no momentum, 100 epochs,
@@ -191,14 +192,15 @@ PRESETS.update({
         "full Fashion-MNIST (60,000 training images, IDX files: apt-get install "
         "dataset-fashion-mnist or --data-dir), 60% adversarial noise, LeNet-5, budget 20 "
         "(10 warm-up + 10 selected), all ten methods, one seed, first-order meta gradient "
-        "(measured: 49 min, 4.4 GB peak memory)",
-        50.0, FASHION),
+        "(measured: 28 min, 4.4 GB peak memory)",
+        30.0, FASHION),
     "fashion-exact": Preset(
-        "the fashion preset with the exact meta gradient (paper Eq. 3; measured: 84 min, "
-        "4.6 GB peak memory)", 85.0, FASHION_EXACT),
+        "the fashion preset with the exact meta gradient (paper Eq. 3; measured before "
+        "LeNet-5's convolutions became matrix products: 84 min, 4.6 GB peak memory)", 85.0,
+        FASHION_EXACT),
     "fashion-table1": Preset(
         "the fashion preset over 3 seeds (paper Table 1's setting on Fashion-MNIST; "
-        "3 x fashion)", 150.0, FASHION, seeds=3),
+        "3 x fashion)", 90.0, FASHION, seeds=3),
     "mnist-idx-full": Preset(
         "paper Table 1, MNIST column, at the paper's settings (table1-full: batch 4096, "
         "100 epochs) on full MNIST from the four IDX files in --data-dir (needs the files "

@@ -60,6 +60,7 @@ def test_tiny_run_writes_keys_and_table(tmp_path):
         assert key in on_disk and on_disk[key] is not None and np.isfinite(on_disk[key]), key
         assert on_disk[key] == pytest.approx(results[key])
     assert on_disk["machine"]["cpu_count"] >= 1 and on_disk["machine"]["jax_version"]
+    assert on_disk["machine"]["cpu"] and "AVX-512" in on_disk["machine"]["cpu"]
     assert on_disk["command"] == "pytest"
     km = on_disk["details"]["kmeans"]
     # Every method ran the iterations our plain loop needed (scikit-learn stops earlier only
