@@ -192,7 +192,7 @@ PRESETS.update({
         "full Fashion-MNIST (60,000 training images, IDX files: apt-get install "
         "dataset-fashion-mnist or --data-dir), 60% adversarial noise, LeNet-5, budget 20 "
         "(10 warm-up + 10 selected), all ten methods, one seed, first-order meta gradient "
-        "(measured: 28 min, 4.4 GB peak memory)",
+        "(measured: 17-28 min on two 2-core hosts, 4.4 GB peak memory)",
         30.0, FASHION),
     "fashion-exact": Preset(
         "the fashion preset with the exact meta gradient (paper Eq. 3; measured before "
